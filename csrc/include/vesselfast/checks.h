@@ -1,0 +1,34 @@
+// Input checks shared by the CPU and CUDA glue: one message per failure, naming the argument.
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+namespace vesselfast {
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kHalf,
+              "vesselfast: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type(),
+              " (use backend='torch' for other dtypes)");
+  TORCH_CHECK(t.is_contiguous(), "vesselfast: ", name,
+              " must be contiguous (call .contiguous(); the public ops do this for you)");
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, "vesselfast: ", name, " needs a leading batch dimension");
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_float_input(t, name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), "vesselfast: ", name, " has shape ", t.sizes(), ", expected ",
+              ref.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "vesselfast: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "vesselfast: ", name, " is on ", t.device(), ", expected ",
+              ref.device());
+}
+
+inline void check_coef(const at::Tensor& coef, const at::Tensor& x, int64_t ncoef) {
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.is_contiguous() && coef.dim() == 2 &&
+                  coef.size(0) == x.size(0) && coef.size(1) == ncoef && coef.device() == x.device(),
+              "vesselfast: coef must be a contiguous float32 [B, ", ncoef, "] tensor on ", x.device());
+}
+
+}  // namespace vesselfast

@@ -1,0 +1,33 @@
+// Registration of every vesselfast op, in one place. Device implementations register themselves in
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp with TORCH_LIBRARY_IMPL; this file owns the schemas and the
+// Python module object that `import vesselfast._C` loads.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(vesselfast, m) {
+  // Generic diffusion update (DDIM step, DDIM inversion step, DDPM ancestral step), see step_math.h.
+  // coef: float32 [B, 6] per-sample coefficients. Returns (out, x0); x0 is empty unless need_x0.
+  m.def("diffusion_step(Tensor x, Tensor eps, Tensor coef, Tensor? noise, bool clip, bool need_x0)"
+        " -> (Tensor, Tensor)");
+  // Vessel-weighted noise loss, per sample. Returns (loss [B] float32, sum_w [B] float32).
+  m.def("vessel_noise_loss_fwd(Tensor eps, Tensor eps_hat, Tensor? w) -> (Tensor, Tensor)");
+  // Gradient w.r.t. eps_hat given grad_loss [B] and the sum_w saved by the forward.
+  m.def("vessel_noise_loss_bwd(Tensor grad_loss, Tensor eps, Tensor eps_hat, Tensor? w, Tensor sum_w)"
+        " -> Tensor");
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef VESSELFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vesselfast compiled ops (registered as torch.ops.vesselfast.*)";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("openmp_threads", []() { return at::get_num_threads(); }, "threads the CPU kernels use");
+}

@@ -1,0 +1,66 @@
+"""``vesselfast`` command line: ``info | train | eval | segment | export | bench | data``.
+
+Each sub-command lives in ``vesselfast/commands/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``: a small entry function that calls plain library functions. Modules are imported
+only when their command runs, so ``vesselfast info`` stays fast. A :class:`vesselfast.UserError`
+becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+from vesselfast import __version__
+from vesselfast.errors import UserError
+
+# name -> one-line help; the module vesselfast.commands.<name> implements it.
+COMMANDS = {
+    "info": "versions, compiled extension, Triton, and which backend each fused op uses",
+    "train": "run the method end to end into a run directory",
+    "eval": "evaluate a run's saved segmenters on target test images",
+    "segment": "segment images with a trained model",
+    "export": "export a trained segmenter to ONNX / TensorRT",
+    "bench": "throughput benchmarks (pytest-benchmark) and regression check",
+    "data": "synthesise the built-in data set or check a data folder",
+}
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"vesselfast.commands.{name}")
+
+
+def build_parser(argv: List[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vesselfast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vesselfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the command being run gets its (possibly heavy) module imported.
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            _command_module(name).add_arguments(p)
+            p.set_defaults(_run=_command_module(name).run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"vesselfast: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vesselfast: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Fused ops, one public function each, with a backend registry (see registry.py).
+
+Callers use these and never choose a backend; ``VESSELFAST_BACKEND`` or ``backend=`` overrides ``auto``.
+"""
+from vesselfast.ops.diffusion_step import (  # noqa: F401
+    ddim_inverse_step, ddim_inverse_step_reference, ddim_step, ddim_step_reference, ddpm_step,
+    ddpm_step_reference, pred_x0_reference)
+from vesselfast.ops.registry import BACKENDS, OPS, BackendUnavailable, describe  # noqa: F401
+from vesselfast.ops.vessel_loss import vessel_noise_loss, vessel_noise_loss_reference  # noqa: F401

@@ -1,0 +1,192 @@
+"""Fused diffusion updates: ``ddim_step``, ``ddim_inverse_step``, ``ddpm_step``.
+
+Each public function (1) computes its per-sample coefficients in float64 from the alpha_bar values,
+(2) hands x_t, eps, the coefficient table and optional noise to one generic kernel
+``out = a * x0 + b * eps' + d * x_t + s * z`` (csrc/include/vesselfast/step_math.h), with
+``x0 = clip(sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps)`` and ``eps' = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1)``.
+The ``*_reference`` functions beside them are the spec, written straight from DESIGN.md section 1;
+they are the ``torch`` backend and what tests and benchmarks compare against.
+
+Shapes: x_t, eps, noise are [B, ...] (any trailing shape, NCHW in practice); alpha_bar_* are [B] tensors
+or Python floats (broadcast to the batch). Non-contiguous inputs are copied to contiguous ones.
+Kernels accumulate in float32 for float32/bfloat16/float16 inputs; the reference computes in the
+input dtype (float64 inputs give the float64 ground truth).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from vesselfast.ops.registry import new_op
+
+Abar = Union[float, torch.Tensor]
+NUM_COEF = 6  # cx, ce, a, b, d, s (order fixed by StepCoef in step_math.h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (the spec). Coefficients from float64 alpha_bar, cast to the working dtype per sample.
+# ----------------------------------------------------------------------------------------------
+def _per_sample(v: Abar, x: torch.Tensor) -> torch.Tensor:
+    """alpha_bar as float64 [B] on x's device."""
+    v = torch.as_tensor(v, dtype=torch.float64, device=x.device)
+    return v.expand(x.shape[0]) if v.dim() == 0 else v.to(torch.float64).reshape(x.shape[0])
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B] float64 -> x's dtype, shaped [B, 1, 1, ...] to broadcast over x."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def pred_x0_reference(x_t, eps, alpha_bar_t: Abar, clip: bool = True):
+    """Returns (x0, eps'): x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, clipped to [-1, 1] when
+    ``clip``; eps' re-derived from the (clipped) x0."""
+    abar_t = _per_sample(alpha_bar_t, x_t)
+    recip = _bcast(torch.sqrt(1.0 / abar_t), x_t)
+    recipm1 = _bcast(torch.sqrt(1.0 / abar_t - 1.0), x_t)
+    x0 = recip * x_t - recipm1 * eps
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    eps_prime = (recip * x_t - x0) / recipm1
+    return x0, eps_prime
+
+
+def ddim_sigma(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev) (float64 in, out)."""
+    return eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * torch.sqrt(1 - alpha_bar_t / alpha_bar_prev)
+
+
+def ddim_step_reference(x_t, eps, alpha_bar_t: Abar, alpha_bar_prev: Abar, eta: float = 0.0,
+                        noise: Optional[torch.Tensor] = None, clip: bool = True):
+    """Returns (x_prev, x0). x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z."""
+    abar_t, abar_prev = _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_prev, x_t)
+    x0, eps_prime = pred_x0_reference(x_t, eps, abar_t, clip)
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    x_prev = _bcast(torch.sqrt(abar_prev), x_t) * x0 + _bcast(torch.sqrt(1 - abar_prev - sigma ** 2), x_t) * eps_prime
+    if noise is not None and eta > 0:
+        x_prev = x_prev + _bcast(sigma, x_t) * noise
+    return x_prev, x0
+
+
+def ddim_inverse_step_reference(x_t, eps, alpha_bar_t: Abar, alpha_bar_next: Abar, clip: bool = True):
+    """Returns (x_next, x0). x_next = sqrt(abar_next) x0 + sqrt(1 - abar_next) eps' (eps from the level t)."""
+    abar_next = _per_sample(alpha_bar_next, x_t)
+    x0, eps_prime = pred_x0_reference(x_t, eps, alpha_bar_t, clip)
+    return _bcast(torch.sqrt(abar_next), x_t) * x0 + _bcast(torch.sqrt(1 - abar_next), x_t) * eps_prime, x0
+
+
+def ddpm_posterior(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, variance: str = "fixed_large"):
+    """float64 [B] -> (coef_x0, coef_xt, sigma) of q(x_{t-1} | x_t, x0) and the chosen sampling sigma.
+    beta_t and alpha_t follow from the two alpha_bars; sigma is 0 at the last step (abar_prev == 1)."""
+    alpha_t = alpha_bar_t / alpha_bar_prev
+    beta_t = 1 - alpha_t
+    coef_x0 = beta_t * torch.sqrt(alpha_bar_prev) / (1 - alpha_bar_t)
+    coef_xt = (1 - alpha_bar_prev) * torch.sqrt(alpha_t) / (1 - alpha_bar_t)
+    if variance == "fixed_large":
+        var = beta_t
+    elif variance == "fixed_small":
+        var = beta_t * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    else:
+        raise ValueError(f"variance must be 'fixed_large' or 'fixed_small', got {variance!r}")
+    sigma = torch.where(alpha_bar_prev >= 1.0, torch.zeros_like(var), torch.sqrt(var))
+    return coef_x0, coef_xt, sigma
+
+
+def ddpm_step_reference(x_t, eps, alpha_bar_t: Abar, alpha_bar_prev: Abar, noise: Optional[torch.Tensor] = None,
+                        variance: str = "fixed_large", clip: bool = True):
+    """Returns (x_{t-1}, x0). mu = coef_x0 x0 + coef_xt x_t; x_{t-1} = mu + sigma z."""
+    abar_t, abar_prev = _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_prev, x_t)
+    x0, _ = pred_x0_reference(x_t, eps, abar_t, clip)
+    coef_x0, coef_xt, sigma = ddpm_posterior(abar_t, abar_prev, variance)
+    out = _bcast(coef_x0, x_t) * x0 + _bcast(coef_xt, x_t) * x_t
+    if noise is not None:
+        out = out + _bcast(sigma, x_t) * noise
+    return out, x0
+
+
+# ----------------------------------------------------------------------------------------------
+# Coefficient tables for the generic kernel: float64 math, float32 [B, 6] for the kernels.
+# ----------------------------------------------------------------------------------------------
+def _table(abar_t: torch.Tensor, a, b, d, s) -> torch.Tensor:
+    cx = torch.sqrt(1.0 / abar_t)
+    ce = torch.sqrt(1.0 / abar_t - 1.0)
+    zeros = torch.zeros_like(abar_t)
+    cols = [cx, ce] + [zeros if c is None else c for c in (a, b, d, s)]
+    return torch.stack(cols, dim=1).to(torch.float32).contiguous()
+
+
+def ddim_coefficients(abar_t, abar_prev, eta: float) -> torch.Tensor:
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    return _table(abar_t, torch.sqrt(abar_prev), torch.sqrt(1 - abar_prev - sigma ** 2), None, sigma)
+
+
+def ddim_inverse_coefficients(abar_t, abar_next) -> torch.Tensor:
+    return _table(abar_t, torch.sqrt(abar_next), torch.sqrt(1 - abar_next), None, None)
+
+
+def ddpm_coefficients(abar_t, abar_prev, variance: str) -> torch.Tensor:
+    coef_x0, coef_xt, sigma = ddpm_posterior(abar_t, abar_prev, variance)
+    return _table(abar_t, coef_x0, None, coef_xt, sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends of the generic kernel: fn(x, eps, coef, noise, clip, need_x0) -> (out, x0 or empty).
+# The three public ops share them; each op's 'torch' backend is its formula-level reference.
+# ----------------------------------------------------------------------------------------------
+def _compiled(x, eps, coef, noise, clip, need_x0):
+    return torch.ops.vesselfast.diffusion_step(x, eps, coef, noise, clip, need_x0)
+
+
+def _triton(x, eps, coef, noise, clip, need_x0):
+    from vesselfast.kernels.diffusion_step import diffusion_step
+    return diffusion_step(x, eps, coef, noise, clip, need_x0)
+
+
+ddim_step_op = new_op("ddim_step", ddim_step_reference)
+ddim_inverse_step_op = new_op("ddim_inverse_step", ddim_inverse_step_reference)
+ddpm_step_op = new_op("ddpm_step", ddpm_step_reference)
+for _op in (ddim_step_op, ddim_inverse_step_op, ddpm_step_op):
+    _op.impls.update(cpu=_compiled, cuda=_compiled, triton=_triton)
+
+
+def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend):
+    name = op.pick(x_t.device, backend)
+    if name == "torch":
+        out, x0 = reference_fn()
+    else:
+        x_t, eps = x_t.contiguous(), eps.contiguous()
+        noise = None if noise is None else noise.contiguous().to(x_t.dtype)
+        out, x0 = op.impls[name](x_t, eps.to(x_t.dtype), coef_fn(), noise, clip, return_x0)
+    return (out, x0) if return_x0 else out
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar_prev: Abar, eta: float = 0.0,
+              noise: Optional[torch.Tensor] = None, clip: bool = True, return_x0: bool = False,
+              backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """One DDIM step x_t -> x_prev (eta >= 0; pass ``noise`` ~ N(0, I) when eta > 0).
+    Use alpha_bar_prev = 1 for the final step, which then returns the x0 prediction (sigma = 0)."""
+    if eta > 0 and noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise= (a standard normal tensor like x_t)")
+    abar_t, abar_prev = _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_prev, x_t)
+    return _run(ddim_step_op, x_t, eps, lambda: ddim_coefficients(abar_t, abar_prev, eta),
+                lambda: ddim_step_reference(x_t, eps, abar_t, abar_prev, eta, noise, clip),
+                noise if eta > 0 else None, clip, return_x0, backend)
+
+
+def ddim_inverse_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar_next: Abar,
+                      clip: bool = True, return_x0: bool = False, backend: str = "auto"):
+    """One deterministic DDIM inversion step x_t -> x_next, eps evaluated at the current level t."""
+    abar_t, abar_next = _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_next, x_t)
+    return _run(ddim_inverse_step_op, x_t, eps, lambda: ddim_inverse_coefficients(abar_t, abar_next),
+                lambda: ddim_inverse_step_reference(x_t, eps, abar_t, abar_next, clip),
+                None, clip, return_x0, backend)
+
+
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar_prev: Abar,
+              noise: Optional[torch.Tensor] = None, variance: str = "fixed_large", clip: bool = True,
+              return_x0: bool = False, backend: str = "auto"):
+    """One DDPM ancestral step x_t -> x_{t-1} (noise ignored at t = 0, where abar_prev = 1)."""
+    abar_t, abar_prev = _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_prev, x_t)
+    return _run(ddpm_step_op, x_t, eps, lambda: ddpm_coefficients(abar_t, abar_prev, variance),
+                lambda: ddpm_step_reference(x_t, eps, abar_t, abar_prev, noise, variance, clip),
+                noise, clip, return_x0, backend)
