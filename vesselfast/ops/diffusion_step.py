@@ -150,7 +150,7 @@ for _op in (ddim_step_op, ddim_inverse_step_op, ddpm_step_op):
 
 
 def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend):
-    name = op.pick(x_t.device, backend)
+    name = op.pick(x_t.device, backend, x_t.dtype)
     if name == "torch":
         out, x0 = reference_fn()
     else:

@@ -43,11 +43,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
-    """None when ``backend`` can run on tensors of ``device``, else a human-readable reason."""
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def backend_unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when ``backend`` can run on tensors of ``device`` (and ``dtype``), else a human-readable reason."""
     device = torch.device(device)
     if backend == "torch":
         return None
+    if backend in BACKENDS and dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"the {backend} kernels take float32, bfloat16 or float16 tensors, not {dtype}"
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, these are on {device}"
@@ -86,8 +91,8 @@ class Op:
             return fn
         return deco
 
-    def _reason(self, backend: str, device) -> Optional[str]:
-        reason = backend_unavailable_reason(backend, device)
+    def _reason(self, backend: str, device, dtype=None) -> Optional[str]:
+        reason = backend_unavailable_reason(backend, device, dtype)
         if reason is None and backend not in self.impls:
             reason = f"{self.name} has no {backend} implementation"
         return reason
@@ -95,23 +100,20 @@ class Op:
     def available(self, device) -> List[str]:
         return [b for b in BACKENDS if self._reason(b, device) is None]
 
-    def pick(self, device, backend: str = "auto") -> str:
-        """Name of the backend that will run for tensors on ``device``."""
+    def pick(self, device, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> str:
+        """Name of the backend that will run for tensors on ``device`` (of ``dtype``, when given)."""
         requested = backend
         if backend == "auto":
             backend = os.environ.get(ENV_VAR, "").strip() or "auto"
         if backend == "auto":
             dev = torch.device(device)
             order = ("cuda", "triton", "torch") if dev.type == "cuda" else ("cpu", "torch")
-            return next(b for b in order if self._reason(b, dev) is None)
-        reason = self._reason(backend, device)
+            return next(b for b in order if self._reason(b, dev, dtype) is None)
+        reason = self._reason(backend, device, dtype)
         if reason is not None:
             source = f" (from {ENV_VAR})" if requested == "auto" else ""
             raise BackendUnavailable(f"{self.name}: backend {backend!r}{source} cannot run: {reason}")
         return backend
-
-    def impl(self, device, backend: str = "auto") -> Callable:
-        return self.impls[self.pick(device, backend)]
 
 
 OPS: Dict[str, Op] = {}

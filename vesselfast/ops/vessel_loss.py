@@ -76,7 +76,7 @@ def vessel_noise_loss(eps: torch.Tensor, eps_hat: torch.Tensor, w: Optional[torc
     """The generator's training loss; see the module docstring. ``reduction``: 'mean' or 'none'."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    name = vessel_noise_loss_op.pick(eps_hat.device, backend)
+    name = vessel_noise_loss_op.pick(eps_hat.device, backend, eps_hat.dtype)
     if name == "torch":
         loss = vessel_noise_loss_reference(eps, eps_hat, w)
     else:

@@ -1,0 +1,1 @@
+"""Stages of the method (pre-training, inversion, synthesis, segmenter, co-optimisation rounds)."""

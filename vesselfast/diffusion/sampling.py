@@ -1,0 +1,93 @@
+"""Sampling loops: DDPM ancestral, DDIM (from noise or from a latent at any respaced level) and
+deterministic DDIM inversion. Model-agnostic: ``eps_fn(x_t [B,C,H,W], t LongTensor [B]) -> eps``.
+
+The per-step updates are the fused ops of :mod:`vesselfast.ops` (their backend is picked per device).
+Randomness is injectable: ``noise_fn(step, shape) -> Tensor`` replaces the generator, so two
+implementations can be compared on identical noise. ``progress(done, total)`` is called after each
+network evaluation. Each loop evaluates the network once per step; :func:`num_evals` says how many.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+
+from vesselfast.diffusion.schedule import NoiseSchedule
+from vesselfast.ops import ddim_inverse_step, ddim_step, ddpm_step
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[int, torch.Size], torch.Tensor]
+Progress = Optional[Callable[[int, int], None]]
+
+
+def _noise_source(x: torch.Tensor, generator: Optional[torch.Generator], noise_fn: Optional[NoiseFn]) -> NoiseFn:
+    if noise_fn is not None:
+        return lambda i, shape: noise_fn(i, shape).to(device=x.device, dtype=x.dtype)
+    return lambda i, shape: torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _t(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, num_steps: int, start_index: Optional[int] = None,
+                eta: float = 0.0, clip: bool = True, generator: Optional[torch.Generator] = None,
+                noise_fn: Optional[NoiseFn] = None, progress: Progress = None) -> torch.Tensor:
+    """DDIM from x at level timesteps[start_index] (default: the noisiest, i.e. from pure noise) down to
+    the clean image; evaluates the network at timesteps[start_index], ..., timesteps[0]."""
+    ts = schedule.ddim_timesteps(num_steps)
+    start = len(ts) - 1 if start_index is None else start_index
+    levels = ts[: start + 1][::-1]
+    draw = _noise_source(x, generator, noise_fn)
+    for i, t in enumerate(levels):
+        t_prev = levels[i + 1] if i + 1 < len(levels) else -1  # -1: alpha_bar = 1, the clean image
+        eps = eps_fn(x, _t(x, t))
+        noise = draw(i, x.shape) if eta > 0 else None
+        x = ddim_step(x, eps, schedule.alpha_bar(t).item(), schedule.alpha_bar(t_prev).item(), eta=eta,
+                      noise=noise, clip=clip)
+        if progress:
+            progress(i + 1, len(levels))
+    return x
+
+
+def ddim_invert(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, num_steps: int, t0_steps: int,
+                clip: bool = True, progress: Progress = None) -> torch.Tensor:
+    """Deterministic DDIM inversion of clean images x0 (taken as the level timesteps[0]) for t0_steps steps;
+    step i evaluates the network at timesteps[i] and moves to timesteps[i + 1]. Returns the latent at
+    level timesteps[t0_steps] (paper: 15 of 50 steps -> timestep 300)."""
+    ts = schedule.ddim_timesteps(num_steps)
+    if not 1 <= t0_steps < len(ts):
+        raise ValueError(f"t0_steps must be in [1, {len(ts) - 1}], got {t0_steps}")
+    x = x0
+    for i in range(t0_steps):
+        eps = eps_fn(x, _t(x, ts[i]))
+        x = ddim_inverse_step(x, eps, schedule.alpha_bar(ts[i]).item(), schedule.alpha_bar(ts[i + 1]).item(), clip=clip)
+        if progress:
+            progress(i + 1, t0_steps)
+    return x
+
+
+def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t_start: Optional[int] = None,
+                variance: str = "fixed_large", clip: bool = True, generator: Optional[torch.Generator] = None,
+                noise_fn: Optional[NoiseFn] = None, progress: Progress = None) -> torch.Tensor:
+    """DDPM ancestral sampling from x at timestep t_start (default T-1: pure noise) to t = 0, every
+    timestep of the full schedule (t_start + 1 network evaluations); no noise at the last step."""
+    t_start = schedule.T - 1 if t_start is None else t_start
+    draw = _noise_source(x, generator, noise_fn)
+    for i, t in enumerate(range(t_start, -1, -1)):
+        eps = eps_fn(x, _t(x, t))
+        noise = draw(i, x.shape) if t > 0 else None
+        x = ddpm_step(x, eps, schedule.alpha_bar(t).item(), schedule.alpha_bar(t - 1).item(), noise=noise,
+                      variance=variance, clip=clip)
+        if progress:
+            progress(i + 1, t_start + 1)
+    return x
+
+
+def num_evals(sampler: str, schedule: NoiseSchedule, num_steps: int, t0_steps: int) -> int:
+    """Network evaluations per image for a synthesis sampler (inversion not included):
+    'ddpm_noise' (reference: full DDPM from pure noise), 'ddpm_latent' (DDPM from the latent at t0),
+    'ddim_noise' (DDIM with num_steps from noise), 'ddim_latent' (DDIM from the latent at t0)."""
+    ts: List[int] = schedule.ddim_timesteps(num_steps)
+    return {"ddpm_noise": schedule.T, "ddpm_latent": ts[t0_steps] + 1, "ddim_noise": num_steps,
+            "ddim_latent": t0_steps + 1}[sampler]

@@ -1,0 +1,148 @@
+"""Generator U-Net in the improved-diffusion style (Nichol & Dhariwal 2021), predicting eps.
+
+Input: the noisy image x_t [B, C, H, W] concatenated with the condition mask [B, 1, H, W] (zeros for the
+unconditional target model, so every target generator shares G_T^0's architecture and weights layout).
+Residual blocks with GroupNorm + SiLU and timestep scale-shift, self-attention at chosen levels, a
+zero-initialised output convolution. H and W must be divisible by 2 ** (len(channel_mult) - 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim]: [cos, sin](t * exp(-ln(max_period) * k / half)), k = 0..half-1."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, ch // 4) if ch >= 4 else 1, ch)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch))
+        self.out_norm = _norm(out_ch)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb(emb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, ch: int, head_channels: int = 32):
+        super().__init__()
+        self.heads = max(1, ch // head_channels)
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c/heads]
+        return x + self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
+
+
+@dataclass
+class GeneratorConfig:
+    image_channels: int = 1
+    base_channels: int = 32
+    channel_mult: Tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attention_levels: Tuple[int, ...] = (3,)  # indices into channel_mult; 3 = the lowest of (1,2,2,4)
+    dropout: float = 0.0
+
+
+class GeneratorUNet(nn.Module):
+    """eps_theta(x_t, t, mask). ``forward(x [B,C,H,W], t LongTensor [B], cond [B,1,H,W] or None) -> [B,C,H,W]``."""
+
+    def __init__(self, cfg: GeneratorConfig = GeneratorConfig()):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.base_channels
+        emb_ch = 4 * ch
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.input_conv = nn.Conv2d(cfg.image_channels + 1, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips = [ch]
+        cur = ch
+        levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(cur, ch * mult, emb_ch, cfg.dropout)]
+                cur = ch * mult
+                if level in cfg.attention_levels:
+                    blocks.append(AttentionBlock(cur))
+                self.down.append(nn.ModuleList(blocks))
+                skips.append(cur)
+            if level != levels - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                skips.append(cur)
+        self.middle = nn.ModuleList([ResBlock(cur, cur, emb_ch, cfg.dropout), AttentionBlock(cur),
+                                     ResBlock(cur, cur, emb_ch, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(cur + skips.pop(), ch * mult, emb_ch, cfg.dropout)]
+                cur = ch * mult
+                if level in cfg.attention_levels:
+                    blocks.append(AttentionBlock(cur))
+                if level != 0 and i == cfg.num_res_blocks:
+                    blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    blocks.append(nn.Conv2d(cur, cur, 3, padding=1))
+                self.up.append(nn.ModuleList(blocks))
+        self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero(nn.Conv2d(cur, cfg.image_channels, 3, padding=1)))
+        self.divisor = 2 ** (levels - 1)
+
+    @staticmethod
+    def _run_blocks(blocks, h, emb):
+        for layer in blocks:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
+            raise ValueError(f"generator input {tuple(x.shape[-2:])} must be divisible by {self.divisor}")
+        if cond is None:
+            cond = torch.zeros_like(x[:, :1])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        h = self.input_conv(torch.cat([x, cond.to(x.dtype)], dim=1))
+        hs = [h]
+        for blocks in self.down:
+            h = self._run_blocks(blocks, h, emb)
+            hs.append(h)
+        h = self._run_blocks(self.middle, h, emb)
+        for blocks in self.up:
+            h = self._run_blocks(blocks, torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def generator_from_dict(d: dict) -> GeneratorUNet:
+    d = dict(d)
+    for key in ("channel_mult", "attention_levels"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return GeneratorUNet(GeneratorConfig(**d))
