@@ -1,0 +1,109 @@
+"""pytest-benchmark setup shared by every benchmark group (benchmarks/test_bench_<group>.py).
+
+Environment (``vesselfast bench`` sets these from its options):
+- ``VESSELFAST_BENCH_QUICK=1``: tiny sizes and 3 rounds, so CI runs the suite in seconds;
+- ``VESSELFAST_BENCH_SIZES``: comma-separated element counts (``1M,4M,16M``, ``65536``), overriding the default;
+- ``VESSELFAST_BENCH_THREADS``: torch/OpenMP threads (default 2, the design machine's core count);
+- ``VESSELFAST_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda when available);
+- ``VESSELFAST_BENCH_COMPILE=0/1``: include ``torch.compile`` baselines (default: on, off in quick mode).
+The machine (CPU model, threads, load, torch/triton versions, which parts of vesselfast._C were built,
+allocator variables, GPU) is recorded in the JSON's ``machine_info['vesselfast']``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+
+def _flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v is None or v == "" else v.strip().lower() in ("1", "true", "yes", "on")
+
+
+QUICK = _flag("VESSELFAST_BENCH_QUICK", False)
+THREADS = int(os.environ.get("VESSELFAST_BENCH_THREADS", "2"))
+torch.set_num_threads(THREADS)
+
+
+def parse_count(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def bench_sizes(default, quick):
+    env = os.environ.get("VESSELFAST_BENCH_SIZES", "").strip()
+    if env:
+        return [parse_count(s) for s in env.split(",") if s.strip()]
+    return list(quick if QUICK else default)
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("VESSELFAST_BENCH_DEVICE", "").strip()
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def with_compile() -> bool:
+    return _flag("VESSELFAST_BENCH_COMPILE", not QUICK)
+
+
+def rounds_for(nbytes: int) -> int:
+    """Rounds per benchmark: 3 in quick mode (tiny sizes: still milliseconds), else enough for a stable
+    median in bounded time."""
+    if QUICK:
+        return 3
+    return 40 if nbytes <= 64 << 20 else 15
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench_group(name): the `vesselfast bench` group of a benchmark file")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from vesselfast import _ext
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # not installed or broken: record, do not fail
+        triton_version = f"unavailable ({type(exc).__name__})"
+    mod, reason = _ext.load()
+    info = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "extension": {"cpu": mod is not None, "cuda": _ext.cuda_built(), "error": reason or None},
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": str(bench_device()),
+        "quick": QUICK,
+        "allocator_env": {k: os.environ.get(k) for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)},
+    }
+    machine_info["vesselfast"] = info
+
+
+@pytest.fixture
+def sync():
+    """Callable that waits for the device (CUDA) so timings cover the kernels, not just launches."""
+    dev = bench_device()
+    if dev.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None

@@ -1,0 +1,133 @@
+"""Benchmark group ``ops``: the fused ops against eager torch, ``torch.compile`` and the copy floor.
+
+For each op and size N (float32 elements per tensor, batch 8 with per-sample timesteps):
+- ``eager``: the plain-torch ``*_reference`` (the spec; what the code would run without vesselfast);
+- ``compile``: ``torch.compile`` of that reference, alpha_bar passed as [B] tensors so it compiles once;
+- every kernel backend available on the device (``cpu`` here; ``cuda`` and ``triton`` on a GPU),
+  through the public op (coefficient tables and checks included: what callers pay).
+- ``copy``: ``dst.copy_(src)`` moving the same number of bytes as the op must move (the bandwidth floor).
+Bytes an op must move (float32): ddim_step (eta = 0) and ddim_inverse_step read x, eps and write out (3N*4);
+ddpm_step also reads the noise (4N*4); vessel_noise_loss forward + backward reads eps, eps_hat, w twice
+and writes the gradient (7N*4). ``extra_info`` records op, impl, numel and bytes for ``vesselfast bench``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import bench_device, bench_sizes, rounds_for, with_compile
+
+from vesselfast import ops
+from vesselfast.ops.registry import backend_unavailable_reason
+
+GROUP = "ops"
+pytestmark = pytest.mark.bench_group(GROUP)
+
+DEVICE = bench_device()
+SIZES = bench_sizes(default=[1 << 20, 1 << 22, 1 << 24], quick=[1 << 16])
+BATCH = 8
+WIDTH = 256
+KERNEL_IMPLS = [b for b in ("cuda", "triton", "cpu") if backend_unavailable_reason(b, DEVICE) is None]
+IMPLS = ["eager"] + (["compile"] if with_compile() else []) + KERNEL_IMPLS
+# tensors of N float32 each that the op must read or write
+TENSORS = {"ddim_step": 3, "ddim_inverse_step": 3, "ddpm_step": 4, "vessel_noise_loss": 7}
+
+
+def _shape(numel):
+    per = max(1, numel // BATCH)
+    return (BATCH, 1, max(1, per // WIDTH), min(WIDTH, per))
+
+
+def _inputs(numel, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = _shape(numel)
+    x, eps, z = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(3))
+    T = 1000
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
+    t = torch.randint(21, T - 21, (BATCH,), generator=gen)
+    return x, eps, z, abar[t].to(DEVICE), abar[t - 20].to(DEVICE), abar[t + 20].to(DEVICE), abar[t - 1].to(DEVICE)
+
+
+def _step_callable(op, impl, numel):
+    x, eps, z, ab_t, ab_prev20, ab_next20, ab_prev1 = _inputs(numel)
+    if op == "ddim_step":
+        ref = lambda: ops.ddim_step_reference(x, eps, ab_t, ab_prev20)[0]  # noqa: E731
+        fused = lambda b: ops.ddim_step(x, eps, ab_t, ab_prev20, backend=b)  # noqa: E731
+        ref_fn, args = ops.ddim_step_reference, (x, eps, ab_t, ab_prev20)
+    elif op == "ddim_inverse_step":
+        ref = lambda: ops.ddim_inverse_step_reference(x, eps, ab_t, ab_next20)[0]  # noqa: E731
+        fused = lambda b: ops.ddim_inverse_step(x, eps, ab_t, ab_next20, backend=b)  # noqa: E731
+        ref_fn, args = ops.ddim_inverse_step_reference, (x, eps, ab_t, ab_next20)
+    else:
+        ref = lambda: ops.ddpm_step_reference(x, eps, ab_t, ab_prev1, z)[0]  # noqa: E731
+        fused = lambda b: ops.ddpm_step(x, eps, ab_t, ab_prev1, noise=z, backend=b)  # noqa: E731
+        ref_fn, args = ops.ddpm_step_reference, (x, eps, ab_t, ab_prev1, z)
+    if impl == "eager":
+        return ref
+    if impl == "compile":
+        compiled = torch.compile(ref_fn, dynamic=False)
+        return lambda: compiled(*args)[0]
+    return lambda: fused(impl)
+
+
+def _loss_callable(impl, numel):
+    x, eps, _, _, _, _, _ = _inputs(numel, seed=1)
+    hat = x.clone().requires_grad_(True)
+    w = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.2).float().to(DEVICE)
+    g = torch.full((BATCH,), 1.0 / BATCH, device=DEVICE)
+    if impl == "eager":
+        fwd = ops.vessel_noise_loss_reference
+    elif impl == "compile":
+        fwd = torch.compile(ops.vessel_noise_loss_reference, dynamic=False)
+    else:
+        fwd = lambda e, h, ww: ops.vessel_noise_loss(e, h, ww, reduction="none", backend=impl)  # noqa: E731
+
+    def run():  # forward + backward, no .grad accumulation (autograd.grad returns the gradient)
+        loss = fwd(eps, hat, w)
+        return torch.autograd.grad(loss, hat, g)[0]
+    return run
+
+
+def _record(benchmark, op, impl, numel, tensors):
+    nbytes = tensors * numel * 4
+    benchmark.group = f"{GROUP}:{op}:{numel}"
+    benchmark.extra_info.update(suite=GROUP, op=op, impl=impl, numel=numel, bytes=nbytes, dtype="float32",
+                                device=str(DEVICE), threads=torch.get_num_threads())
+    return nbytes
+
+
+def _run(benchmark, fn, sync, nbytes):
+    def timed():
+        out = fn()
+        sync()
+        return out
+    benchmark.pedantic(timed, rounds=rounds_for(nbytes), iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["ddim_step", "ddim_inverse_step", "ddpm_step"])
+def test_step(benchmark, sync, op, impl, numel):
+    nbytes = _record(benchmark, op, impl, numel, TENSORS[op])
+    _run(benchmark, _step_callable(op, impl, numel), sync, nbytes)
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vessel_noise_loss_fwd_bwd(benchmark, sync, impl, numel):
+    nbytes = _record(benchmark, "vessel_noise_loss", impl, numel, TENSORS["vessel_noise_loss"])
+    _run(benchmark, _loss_callable(impl, numel), sync, nbytes)
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")
+@pytest.mark.parametrize("tensors", sorted(set(TENSORS.values())))
+def test_copy_floor(benchmark, sync, tensors, numel):
+    """A plain copy moving tensors * numel * 4 bytes (half read, half written): the bandwidth floor of
+    every op that moves that many bytes."""
+    nbytes = tensors * numel * 4
+    benchmark.group = f"{GROUP}:copy:{numel}"
+    benchmark.extra_info.update(suite=GROUP, op="copy", impl="copy", tensors=tensors, numel=numel, bytes=nbytes,
+                                dtype="float32", device=str(DEVICE), threads=torch.get_num_threads())
+    src = torch.randn(nbytes // 8, device=DEVICE)
+    dst = torch.empty_like(src)
+    _run(benchmark, lambda: dst.copy_(src), sync, nbytes)

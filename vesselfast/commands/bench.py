@@ -1,0 +1,256 @@
+"""``vesselfast bench [GROUP...] [--quick] [--json OUT] [--compare BASELINE.json] [--fail-over PCT]``.
+
+A thin wrapper over pytest-benchmark. Groups are the files ``benchmarks/test_bench_<GROUP>.py`` (today:
+``ops``); a new group is a new file, nothing to register. The command runs pytest on the selected files
+with ``--benchmark-json``, then prints one table per op and size: time, effective GB/s, speedup over the
+eager reference, over ``torch.compile``, and the fraction of the copy-bandwidth floor reached.
+
+Contract for a benchmark file (see benchmarks/test_bench_ops.py): each benchmark puts ``suite``, ``op``,
+``impl`` and ``numel`` in ``benchmark.extra_info``, and ``bytes`` when it moves a known number of bytes.
+Within one (suite, op, numel), ``impl == "eager"`` is the reference and ``"compile"`` the torch.compile
+baseline; benchmarks with ``op == "copy"`` and the same ``bytes`` give the floor.
+
+``--compare BASELINE.json`` (a ``--json`` file of an earlier run, or a raw pytest-benchmark JSON) compares
+ratios measured within each run (speedup over eager, fraction of the floor), which transfer between
+machines and loads far better than absolute times, and exits with 1 when one got worse by more than
+``--fail-over`` percent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from vesselfast.errors import UserError
+
+STATS = ("median", "min", "mean")
+
+
+def add_arguments(p):
+    p.add_argument("groups", nargs="*", metavar="GROUP",
+                   help="benchmark groups to run (files benchmarks/test_bench_<GROUP>.py; default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds, no torch.compile: a smoke run in seconds (CI)")
+    p.add_argument("--json", metavar="OUT", help="write the summary (rows, ratios, machine) as JSON")
+    p.add_argument("--compare", metavar="BASELINE.json",
+                   help="compare within-run ratios against an earlier --json output; exit 1 on regression")
+    p.add_argument("--fail-over", type=float, default=10.0, metavar="PCT",
+                   help="with --compare: fail when a ratio got worse by more than PCT percent (default 10)")
+    p.add_argument("--stat", choices=STATS, default="median", help="statistic of the rounds used (default median)")
+    p.add_argument("--sizes", metavar="N[,N...]", help="element counts, e.g. 1M,4M,16M (overrides the defaults)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch/OpenMP threads (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="device of the tensors (default: cuda if available)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression to select benchmarks")
+    p.add_argument("--bench-dir", metavar="DIR", help="folder of the benchmark files (default: the repo's benchmarks/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show pytest's and pytest-benchmark's own output")
+
+
+# ------------------------------------------------------------------------------------------------
+# Locating and running the suite
+# ------------------------------------------------------------------------------------------------
+def find_bench_dir(explicit: Optional[str] = None) -> Path:
+    candidates = [explicit, os.environ.get("VESSELFAST_BENCH_DIR")]
+    import vesselfast
+    candidates += [str(Path(vesselfast.__file__).resolve().parents[1] / "benchmarks"), str(Path.cwd() / "benchmarks")]
+    for c in candidates:
+        if c and (Path(c) / "conftest.py").is_file():
+            return Path(c).resolve()
+    if explicit:
+        raise UserError(f"--bench-dir {explicit} has no conftest.py: not a vesselfast benchmarks folder")
+    raise UserError("benchmarks/ not found: run from a source checkout, or pass --bench-dir DIR "
+                    "(or set VESSELFAST_BENCH_DIR)")
+
+
+def discover_groups(bench_dir: Path) -> Dict[str, Path]:
+    return {p.stem[len("test_bench_"):]: p for p in sorted(bench_dir.glob("test_bench_*.py"))}
+
+
+def select_files(bench_dir: Path, groups: List[str]) -> List[Path]:
+    available = discover_groups(bench_dir)
+    if not available:
+        raise UserError(f"no benchmark files (test_bench_<group>.py) in {bench_dir}")
+    if not groups:
+        return list(available.values())
+    unknown = [g for g in groups if g not in available]
+    if unknown:
+        raise UserError(f"unknown benchmark group(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    return [available[g] for g in dict.fromkeys(groups)]
+
+
+def run_pytest(files: List[Path], raw_json: Path, args) -> int:
+    env = dict(os.environ)
+    if args.quick:
+        env["VESSELFAST_BENCH_QUICK"] = "1"
+    if args.sizes:
+        env["VESSELFAST_BENCH_SIZES"] = args.sizes
+    if args.threads:
+        env["VESSELFAST_BENCH_THREADS"] = str(args.threads)
+    if args.device:
+        env["VESSELFAST_BENCH_DEVICE"] = args.device
+    if args.no_compile:
+        env["VESSELFAST_BENCH_COMPILE"] = "0"
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "pytest", *map(str, files), "-p", "no:cacheprovider", "--benchmark-enable",
+           "--benchmark-only", f"--benchmark-json={raw_json}", "-q" if args.verbose else "-qq"]
+    if args.keyword:
+        cmd += ["-k", args.keyword]
+    print(f"running: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    if args.verbose:
+        return subprocess.call(cmd, env=env, cwd=files[0].parent.parent)
+    res = subprocess.run(cmd, env=env, cwd=files[0].parent.parent, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-6000:] + res.stderr[-3000:])
+    return res.returncode
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary: rows with ratios measured in the same run
+# ------------------------------------------------------------------------------------------------
+def summarize(raw: dict, stat: str = "median") -> List[dict]:
+    """Rows (one per benchmark with op/impl in extra_info) with time, GB/s and the within-run ratios."""
+    entries = []
+    for b in raw.get("benchmarks", []):
+        ex = b.get("extra_info", {})
+        if "op" not in ex or "impl" not in ex:
+            continue
+        entries.append(dict(suite=ex.get("suite", "?"), op=ex["op"], impl=ex["impl"], numel=ex.get("numel"),
+                            bytes=ex.get("bytes"), time_s=b["stats"][stat], name=b.get("name")))
+    by_key = {(e["suite"], e["op"], e["numel"], e["impl"]): e for e in entries}
+    copies = {(e["suite"], e["bytes"]): e for e in entries if e["op"] == "copy"}
+    rows = []
+    for e in entries:
+        if e["op"] == "copy":
+            continue
+        row = dict(e)
+        t = e["time_s"]
+        row["gbps"] = e["bytes"] / t / 1e9 if e["bytes"] and t > 0 else None
+        eager = by_key.get((e["suite"], e["op"], e["numel"], "eager"))
+        comp = by_key.get((e["suite"], e["op"], e["numel"], "compile"))
+        copy = copies.get((e["suite"], e["bytes"]))
+        row["vs_eager"] = eager["time_s"] / t if eager and t > 0 else None
+        row["vs_compile"] = comp["time_s"] / t if comp and t > 0 else None
+        row["copy_time_s"] = copy["time_s"] if copy else None
+        row["floor"] = copy["time_s"] / t if copy and t > 0 else None
+        rows.append(row)
+    for e in entries:  # the floors themselves, for reference
+        if e["op"] == "copy":
+            rows.append(dict(e, gbps=e["bytes"] / e["time_s"] / 1e9 if e["time_s"] > 0 else None, vs_eager=None,
+                             vs_compile=None, copy_time_s=e["time_s"], floor=1.0))
+    order = {"eager": 0, "compile": 1, "torch": 2, "cpu": 3, "triton": 4, "cuda": 5, "copy": 9}
+    rows.sort(key=lambda r: (r["suite"], r["op"] == "copy", r["op"], r["numel"] or 0, r.get("bytes") or 0,
+                             order.get(r["impl"], 6), r["impl"]))
+    return rows
+
+
+def _fmt(v, spec, empty="-"):
+    return empty if v is None else format(v, spec)
+
+
+def _count(n):
+    if n is None:
+        return "?"
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def format_table(rows: List[dict], stat: str) -> str:
+    head = (f"{'op':<20} {'N':>5} {'impl':<8} {stat + ' ms':>10} {'GB/s':>7} {'x eager':>8} {'x compile':>9}"
+            f" {'% floor':>8}")
+    lines = [head, "-" * len(head)]
+    prev = None
+    for r in rows:
+        key = (r["suite"], r["op"], r["numel"])
+        if prev is not None and key != prev:
+            lines.append("")
+        prev = key
+        op = r["op"] if r["op"] != "copy" else f"copy ({r['bytes'] // (4 * r['numel'])}N floats)"
+        lines.append(f"{op:<20} {_count(r['numel']):>5} {r['impl']:<8} {r['time_s'] * 1e3:>10.3f}"
+                     f" {_fmt(r['gbps'], '7.1f'):>7} {_fmt(r['vs_eager'], '7.2f'):>8} {_fmt(r['vs_compile'], '8.2f'):>9}"
+                     f" {_fmt(None if r['floor'] is None else 100 * r['floor'], '7.0f'):>8}")
+    return "\n".join(lines)
+
+
+def load_rows(path: str, stat: str) -> List[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"baseline {path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"baseline {path} is not readable JSON ({exc})") from None
+    if isinstance(data, dict) and "rows" in data:
+        return data["rows"]
+    if isinstance(data, dict) and "benchmarks" in data:
+        return summarize(data, stat)
+    raise UserError(f"baseline {path} is neither a `vesselfast bench --json` file nor a pytest-benchmark JSON")
+
+
+RATIOS = ("vs_eager", "floor")
+
+
+def compare(current: List[dict], baseline: List[dict], fail_over: float):
+    """(lines, regressions): every ratio present in both runs, and those worse by more than fail_over %."""
+    base = {(r["suite"], r["op"], r["numel"], r["impl"]): r for r in baseline}
+    lines, regressions = [], []
+    for r in current:
+        if r["op"] == "copy" or r["impl"] == "eager":
+            continue
+        b = base.get((r["suite"], r["op"], r["numel"], r["impl"]))
+        if b is None:
+            continue
+        for ratio in RATIOS:
+            now, then = r.get(ratio), b.get(ratio)
+            if now is None or not then:
+                continue
+            change = 100.0 * (now / then - 1.0)
+            bad = change < -fail_over
+            line = (f"{r['op']:<20} {_count(r['numel']):>5} {r['impl']:<8} {ratio:<9} {then:7.2f} -> {now:7.2f}"
+                    f" ({change:+6.1f}%){'  REGRESSION' if bad else ''}")
+            lines.append(line)
+            if bad:
+                regressions.append(line)
+    return lines, regressions
+
+
+def run(args) -> int:
+    if args.fail_over < 0:
+        raise UserError("--fail-over must be >= 0 (percent)")
+    baseline = load_rows(args.compare, args.stat) if args.compare else None  # fail early on a bad path
+    bench_dir = find_bench_dir(args.bench_dir)
+    files = select_files(bench_dir, args.groups)
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        raise UserError("pytest-benchmark is not installed: pip install 'vesselfast[test]'") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "raw.json"
+        rc = run_pytest(files, raw_path, args)
+        if rc != 0:
+            print(f"vesselfast bench: pytest exited with {rc}", file=sys.stderr)
+            return rc if rc > 0 else 1
+        raw = json.loads(raw_path.read_text())
+    rows = summarize(raw, args.stat)
+    mi = raw.get("machine_info", {}).get("vesselfast", {})
+    print(f"machine: {mi.get('cpu_model')}, {mi.get('torch_threads')} threads, torch {mi.get('torch')},"
+          f" device {mi.get('device')}{', GPU ' + mi['gpu'] if mi.get('gpu') else ''},"
+          f" load avg {mi.get('load_average')}")
+    print(format_table(rows, args.stat))
+    if args.json:
+        out = {"stat": args.stat, "machine": mi, "datetime": raw.get("datetime"), "rows": rows,
+               "pytest_benchmark": {"version": raw.get("version"), "commit_info": raw.get("commit_info")}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    if baseline is not None:
+        lines, regressions = compare(rows, baseline, args.fail_over)
+        print(f"\ncompared with {args.compare} (fail over {args.fail_over:g}% worse):")
+        print("\n".join(lines) if lines else "  nothing in common to compare")
+        if regressions:
+            print(f"{len(regressions)} ratio(s) regressed by more than {args.fail_over:g}%", file=sys.stderr)
+            return 1
+    return 0
