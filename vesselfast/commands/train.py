@@ -1,11 +1,50 @@
-"""``vesselfast train``: not available yet (the pipeline issue brings it)."""
-from vesselfast.errors import UserError
+"""``vesselfast train``: the method end to end into a run directory (resumable)."""
 
 
 def add_arguments(p):
-    p.add_argument("rest", nargs="*")
+    p.add_argument("--config", help="YAML file with config keys (see docs/CONFIG.md); applied after the preset")
+    p.add_argument("--preset", help="tiny | quick | real-cpu | paper (default: quick, or the config file's)")
+    p.add_argument("--source", nargs="+", metavar="PATH", help="labelled fundus folder(s), or 'builtin'")
+    p.add_argument("--target", metavar="PATH", help="OCTA folder (training split images; labels are never read)")
+    p.add_argument("--target-test", metavar="PATH", help="OCTA folder for evaluation (default: --target's test split)")
+    p.add_argument("--out", default="runs/vesselfast", help="run directory (default: runs/vesselfast)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (a plain re-run into the same directory does the same)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. rounds=2")
+    p.add_argument("--device", help="cpu | cuda")
 
 
 def run(args) -> int:
-    raise UserError("training is not available yet in this version: the pipeline (stages of the method) "
-                    "has not landed; see README.md")
+    import os
+
+    from vesselfast.errors import UserError
+    from vesselfast.pipeline.config import resolve
+    from vesselfast.pipeline.rundir import RunDir
+
+    overrides = {}
+    if args.source:
+        overrides.setdefault("data", {})["source"] = args.source
+    if args.target:
+        overrides.setdefault("data", {})["target"] = args.target
+    if args.target_test:
+        overrides.setdefault("data", {})["target_test"] = args.target_test
+    if args.device:
+        overrides["device"] = args.device
+    if args.resume:
+        cfg_path = os.path.join(args.out, "config.yaml")
+        if not os.path.exists(cfg_path):
+            raise UserError(f"--resume: {cfg_path} not found; start the run without --resume first")
+        if not (args.config or args.preset or args.set or overrides):
+            args.config = cfg_path  # resume exactly what was started
+    cfg = resolve(args.preset, args.config, args.set, overrides)
+    if cfg.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+
+    from vesselfast.pipeline.run import run_pipeline
+
+    metrics = run_pipeline(cfg, args.out)
+    best = metrics.get(f"iter{cfg.rounds}", metrics.get("iter0", {}))
+    print(f"done: {args.out}/report.md  final DSC {best.get('dsc', float('nan')):.4f}")
+    return 0

@@ -2,7 +2,7 @@
 whole images. Used for F^0..F^K, the baselines, and the domain-gap measurement."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -10,24 +10,27 @@ import torch
 from vesselfast.inference import sliding_window_probs, torch_batch_fn
 from vesselfast.losses import bce_soft_dice_loss
 from vesselfast.models import SegmenterUNet, autocast, to_memory_format
+from vesselfast.pipeline.loop import run_training
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
-    """Random flips and 90-degree rotations, the same for image and mask (vessels have no orientation)."""
+def augment(g: torch.Generator, *tensors: torch.Tensor):
+    """The same random flip and 90-degree rotation for every tensor (vessels have no orientation)."""
     k = int(torch.randint(0, 4, (1,), generator=g))
-    x, y = torch.rot90(x, k, (-2, -1)), torch.rot90(y, k, (-2, -1))
-    if torch.rand(1, generator=g) < 0.5:
-        x, y = x.flip(-1), y.flip(-1)
-    return x, y
+    flip = bool(torch.rand(1, generator=g) < 0.5)
+    out = []
+    for t in tensors:
+        t = torch.rot90(t, k, (-2, -1))
+        out.append(t.flip(-1) if flip else t)
+    return out
 
 
 def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch_size: int = 8, lr: float = 1e-3,
                     seed: int = 0, device: str = "cpu", precision: str = "bf16", channels_last: bool = True,
-                    model: Optional[SegmenterUNet] = None, channels=(16, 32, 64, 128, 256),
-                    progress: Optional[Callable[[int, float], None]] = None) -> SegmenterUNet:
+                    model: Optional[SegmenterUNet] = None, channels: Sequence[int] = (16, 32, 64, 128, 256),
+                    run=None, stage: Optional[str] = None, ckpt_every: int = 200, desc: str = "segmenter") -> SegmenterUNet:
     """images [N, 1, h, w] float32 in [-1, 1], masks [N, 1, h, w] {0,1}: crops already cut.
     ``model`` continues training an existing segmenter (fine-tuning); otherwise a fresh one from ``seed``.
-    ``progress(step, loss)`` is called after each step."""
+    With ``run``/``stage`` the loop checkpoints and resumes (see loop.run_training)."""
     if images.shape[0] == 0:
         raise ValueError("no training images for the segmenter")
     g = torch.Generator().manual_seed(seed)
@@ -37,9 +40,10 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
     model = to_memory_format(model.to(device), channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / max(1, steps)) ** 0.9)
-    for step in range(steps):
+
+    def step_fn(step):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
-        x, y = augment(images[idx], masks[idx], g)
+        x, y = augment(g, images[idx], masks[idx])
         x = to_memory_format(x.to(device), channels_last)
         with autocast(device, precision):
             logits = model(x)
@@ -48,8 +52,9 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
         loss.backward()
         opt.step()
         sched.step()
-        if progress:
-            progress(step + 1, float(loss))
+        return loss.detach()
+
+    run_training(step_fn, steps, {"model": model, "opt": opt, "sched": sched}, g, desc, run, stage, ckpt_every)
     return model.eval()
 
 

@@ -1,0 +1,131 @@
+"""The method end to end on the tiny preset: run directory contents, resume after an interrupted stage
+with identical final metrics, and the config / run-directory errors."""
+import json
+
+import pytest
+import yaml
+
+from vesselfast.cli import main
+from vesselfast.errors import UserError
+from vesselfast.pipeline import generative, segmenter
+from vesselfast.pipeline.config import resolve
+from vesselfast.pipeline.rundir import RunDir, load_checkpoint
+from vesselfast.pipeline.run import run_pipeline
+
+SUMMARY = ("dsc", "dsc_std", "auc", "acc", "ahd", "n_images")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_run_directory_holds_everything(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert set(m["target_test"]) == {"baseline", "baseline_histmatch", "iter0", "iter1"}
+    for entry in m["target_test"].values():
+        assert set(SUMMARY) <= set(entry)
+        assert 0 <= entry["dsc"] <= 1 and 0 <= entry["auc"] <= 1 and 0 <= entry["acc"] <= 1 and entry["ahd"] >= 0
+        assert entry["n_images"] == 2
+    stages = m["stages"]
+    for s in ("pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "pseudo_label_1",
+              "target_generator_1", "synthesize_1", "segmenter_1"):
+        assert stages[s]["seconds"] >= 0
+    # inversion: t0 = round(0.3 * 10) = 3 evaluations per image; DDIM from the latent: t0 + 1
+    assert stages["invert"]["unet_evals_per_image"] == 3
+    assert stages["synthesize_0"]["unet_evals_per_image"] == 4
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["preset"] == "tiny" and cfg["rounds"] == 1
+    for name in ("metrics.csv", "metrics.png", "report.md", "train.log", "pictures/round0.png", "pictures/round1.png",
+                 "pictures/test_iter1.png"):
+        assert (tiny_run / name).stat().st_size > 0, name
+    assert "iter1" in (tiny_run / "report.md").read_text()
+    assert not list(tiny_run.glob("ckpt/*.partial.pt")) and not list(tiny_run.rglob("*.tmp"))
+    latents = load_checkpoint(tiny_run / "ckpt" / "invert.pt", kind="invert")["latents"]
+    assert latents.dtype.is_floating_point and latents.dtype != __import__("torch").uint8
+
+
+def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
+    before = (tiny_run / "metrics.json").read_text()
+    monkeypatch.setattr(generative, "run_training", lambda *a, **k: pytest.fail("a finished stage was re-trained"))
+    assert main(["train", "--preset", "tiny", "--out", str(tiny_run)]) == 0
+    assert json.loads((tiny_run / "metrics.json").read_text())["target_test"] == json.loads(before)["target_test"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(module, monkeypatch, stage_name, at_step):
+    """Make the training loop of ``stage_name`` raise after ``at_step`` steps (simulated kill)."""
+    real = module.run_training
+
+    def wrapped(step_fn, steps, state, rng, desc, run=None, stage=None, *a, **k):
+        if stage == stage_name:
+            def killing(step):
+                if step == at_step:
+                    raise Interrupt(f"killed in {stage} at step {step}")
+                return step_fn(step)
+            return real(killing, steps, state, rng, desc, run, stage, *a, **k)
+        return real(step_fn, steps, state, rng, desc, run, stage, *a, **k)
+
+    monkeypatch.setattr(module, "run_training", wrapped)
+
+
+@pytest.mark.parametrize("module,stage,step", [(generative, "pretrain_source", 11), (segmenter, "segmenter_1", 3)])
+def test_resume_after_interrupt_gives_identical_metrics(tiny_run, tmp_path, monkeypatch, module, stage, step):
+    out = tmp_path / "run"
+    cfg = resolve("tiny")
+    with monkeypatch.context() as mp:
+        _interrupt_at(module, mp, stage, step)
+        with pytest.raises(Interrupt):
+            run_pipeline(cfg, str(out))
+    if step > cfg.ckpt_every:  # an in-stage checkpoint was written before the kill
+        assert load_checkpoint(out / "ckpt" / f"{stage}.partial.pt")["step"] == cfg.ckpt_every
+    resumed = run_pipeline(cfg, str(out))
+    want = json.loads((tiny_run / "metrics.json").read_text())["target_test"]
+    got = json.loads((out / "metrics.json").read_text())["target_test"]
+    for key in want:
+        for m in SUMMARY:
+            assert got[key][m] == want[key][m], (key, m)
+    assert resumed.keys() == want.keys()
+
+
+def test_run_directory_errors(tmp_path, tiny_run):
+    # a different config for an existing run directory is refused
+    with pytest.raises(UserError, match="different config"):
+        run_pipeline(resolve("tiny", sets=["rounds=2"]), str(tiny_run))
+    # a second concurrent run is refused
+    run = RunDir(tmp_path / "locked")
+    run.open("x: 1\n")
+    try:
+        with pytest.raises(UserError, match="another vesselfast run"):
+            RunDir(tmp_path / "locked").open("x: 1\n")
+    finally:
+        run.close()
+    # truncated and foreign checkpoints
+    ck = tiny_run / "ckpt" / "segmenter_0.pt"
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated or foreign"):
+        load_checkpoint(bad)
+    with pytest.raises(UserError, match="expected 'invert'"):
+        load_checkpoint(ck, kind="invert")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--set", "diffusion.t0_ratio=0"], "t0_ratio"),
+    (["--set", "nonsense.key=1"], "unknown config key"),
+    (["--set", "generator.lr=fast"], "expects float"),
+    (["--preset", "huge"], "--preset"),
+    (["--config", "/nonexistent.yaml"], "--config"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_train_option_errors_exit_2(tmp_path, capsys, argv, msg):
+    out = tmp_path / "never"
+    assert main(["train", "--out", str(out)] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vesselfast: error:") and msg in err[0]
+    assert not out.exists()

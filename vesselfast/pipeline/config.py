@@ -1,0 +1,276 @@
+"""Run configuration: one schema (nested dataclasses), presets, YAML files and ``--set key=value``.
+
+Every stage has an explicit step budget here. The resolved config is saved as ``DIR/config.yaml`` and
+re-read on resume; a different config for an existing run directory is refused (start a new one).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from vesselfast.errors import UserError
+
+SAMPLERS = ("ddim_latent", "ddim_noise", "ddpm_noise", "ddpm_latent")
+
+
+@dataclass
+class DataConfig:
+    source: List[str] = field(default_factory=lambda: ["builtin"])  # folders, or "builtin"
+    target: str = "builtin"               # target training images (labels never read)
+    target_test: Optional[str] = None     # default: the target folder's test split
+    channel: str = "green"                # fundus -> one channel: green | luminance
+    clahe: bool = True
+    source_scale: Optional[float] = None  # None: per-dataset calibre factor (docs/DATA.md)
+    crop: int = 64                        # crop size for every stage
+    pool: int = 512                       # crops cut once per domain for training (half vessel-centred)
+    synth_crops: int = 200                # source crops inverted and re-synthesised as target images
+    builtin_n: int = 24                   # built-in data: images per split
+    builtin_size: int = 256
+    builtin_test_n: int = 12
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000
+    schedule: str = "linear"
+    ddim_steps: int = 50
+    t0_ratio: float = 0.3
+    clip: bool = True
+
+
+@dataclass
+class GeneratorTrainConfig:
+    base_channels: int = 32
+    channel_mult: List[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attention_levels: List[int] = field(default_factory=list)
+    dropout: float = 0.0
+    lr: float = 2e-4
+    batch_size: int = 8
+    steps_source: int = 1000   # G_S
+    steps_target: int = 1000   # G_T^0
+    steps_round: int = 300     # G_T^k, k >= 1, fine-tuned from G_T^{k-1}
+    ema_decay: float = 0.995
+    precision: str = "bf16"    # fp32 | bf16 | fp16 (GPU)
+
+
+@dataclass
+class SynthesisConfig:
+    sampler: str = "ddim_latent"   # see SAMPLERS; the reference code used ddpm_noise in the rounds
+    sampler_iter0: str = "ddim_latent"  # iter-0 synthesis from the inversion latents: ddim_latent | ddpm_latent
+    ddim_steps: int = 50           # for ddim_noise
+    batch_size: int = 16
+    eta: float = 0.0
+
+
+@dataclass
+class SegmenterConfig:
+    channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    lr: float = 1e-3
+    batch_size: int = 8
+    steps_iter0: int = 500
+    steps_round: int = 100
+    finetune: bool = True          # F^k starts from F^{k-1} (False: fresh)
+    precision: str = "bf16"
+    tile: int = 128
+    stride: int = 64
+    threshold: float = 0.5
+
+
+@dataclass
+class RunConfig:
+    preset: str = "quick"
+    seed: int = 0
+    device: str = "cpu"
+    rounds: int = 3
+    ckpt_every: int = 200          # steps between in-stage checkpoints
+    baselines: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    generator: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # CI: the whole pipeline in seconds; numbers mean nothing.
+    "tiny": {
+        "rounds": 1, "ckpt_every": 10,
+        "data": {"crop": 32, "pool": 32, "synth_crops": 16, "builtin_n": 4, "builtin_size": 96, "builtin_test_n": 2},
+        "diffusion": {"T": 100, "ddim_steps": 10},
+        "generator": {"base_channels": 8, "channel_mult": [1, 2], "steps_source": 12, "steps_target": 12,
+                      "steps_round": 6, "batch_size": 4},
+        "synthesis": {"batch_size": 16, "ddim_steps": 5},
+        "segmenter": {"channels": [8, 16, 32], "steps_iter0": 12, "steps_round": 6, "batch_size": 4, "tile": 64,
+                      "stride": 32},
+    },
+    # Built-in synthetic data on a 2-core CPU in about 10 minutes.
+    "quick": {},
+    # Fundus (DRIVE + CHASE_DB1) -> OCTA-500 3M on a 2-core CPU in under an hour.
+    "real-cpu": {
+        "rounds": 3,
+        "data": {"pool": 1024, "synth_crops": 320},
+        "generator": {"steps_source": 2500, "steps_target": 2500, "steps_round": 600},
+        "segmenter": {"steps_iter0": 1500, "steps_round": 400},
+    },
+    # The paper's settings, for GPUs.
+    "paper": {
+        "device": "cuda", "rounds": 6, "ckpt_every": 1000,
+        "data": {"crop": 256, "pool": 4096, "synth_crops": 2000},
+        "diffusion": {"T": 1000, "ddim_steps": 50, "t0_ratio": 0.3},
+        "generator": {"base_channels": 64, "channel_mult": [1, 1, 2, 2, 4, 4], "num_res_blocks": 2,
+                      "attention_levels": [4], "lr": 1e-4, "batch_size": 8, "steps_source": 100000,
+                      "steps_target": 100000, "steps_round": 20000, "ema_decay": 0.9999, "precision": "bf16"},
+        "synthesis": {"sampler": "ddpm_noise", "sampler_iter0": "ddpm_latent"},
+        "segmenter": {"steps_iter0": 20000, "steps_round": 5000, "batch_size": 8, "tile": 256, "stride": 128,
+                      "precision": "bf16"},
+    },
+}
+
+
+def _merge(dc, updates: Dict[str, Any], where: str):
+    """Apply a nested dict onto a dataclass instance with key and type checks."""
+    fields = {f.name: f for f in dataclasses.fields(dc)}
+    for key, value in updates.items():
+        name = f"{where}{key}"
+        if key not in fields:
+            raise UserError(f"unknown config key {name!r}; known: {', '.join(sorted(fields))}")
+        current = getattr(dc, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {name!r} is a section; give it a mapping")
+            _merge(current, value, name + ".")
+        else:
+            setattr(dc, key, _coerce(value, current, fields[key], name))
+
+
+def _coerce(value, current, f, name):
+    if value is None:
+        return None
+    want = type(current) if current is not None else None
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float) or (current is None and "float" in str(f.type)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads "3e-4" as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(current, str) or (current is None and "str" in str(f.type)):
+        if isinstance(value, str):
+            return value
+    elif isinstance(current, list):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [value]
+    else:
+        return value
+    raise UserError(f"config key {name!r} expects {want.__name__ if want else f.type}, got {value!r}")
+
+
+def _parse_set(item: str):
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: write key=value, e.g. --set generator.steps_source=2000")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    nested: Dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def validate(cfg: RunConfig) -> None:
+    """Impossible values, each with the option to fix."""
+    def bad(msg):
+        raise UserError(msg)
+    if not 0.0 < cfg.diffusion.t0_ratio <= 1.0:
+        bad(f"diffusion.t0_ratio={cfg.diffusion.t0_ratio} must lie in (0, 1] (paper: 0.3)")
+    if cfg.diffusion.schedule not in ("linear", "cosine"):
+        bad(f"diffusion.schedule={cfg.diffusion.schedule!r}: use linear or cosine")
+    if not 2 <= cfg.diffusion.ddim_steps <= cfg.diffusion.T:
+        bad(f"diffusion.ddim_steps={cfg.diffusion.ddim_steps} must be in [2, diffusion.T={cfg.diffusion.T}]")
+    if cfg.diffusion.T < 10:
+        bad(f"diffusion.T={cfg.diffusion.T} is too small (use >= 10; paper: 1000)")
+    div = 2 ** (len(cfg.generator.channel_mult) - 1)
+    if cfg.data.crop < 16 or cfg.data.crop % max(div, 16):
+        bad(f"data.crop={cfg.data.crop} must be a multiple of {max(div, 16)} and >= 16")
+    for s in (cfg.synthesis.sampler,):
+        if s not in SAMPLERS:
+            bad(f"synthesis.sampler={s!r}: choose one of {', '.join(SAMPLERS)}")
+    if cfg.synthesis.sampler_iter0 not in ("ddim_latent", "ddpm_latent"):
+        bad(f"synthesis.sampler_iter0={cfg.synthesis.sampler_iter0!r}: choose ddim_latent or ddpm_latent")
+    if cfg.data.channel not in ("green", "luminance"):
+        bad(f"data.channel={cfg.data.channel!r}: choose green or luminance")
+    for name in ("generator.precision", "segmenter.precision"):
+        sec, key = name.split(".")
+        if getattr(getattr(cfg, sec), key) not in ("fp32", "bf16", "fp16"):
+            bad(f"{name} must be fp32, bf16 or fp16")
+    if cfg.rounds < 0:
+        bad(f"rounds={cfg.rounds} must be >= 0")
+    for name in ("generator.steps_source", "generator.steps_target", "segmenter.steps_iter0", "data.pool",
+                 "data.synth_crops", "generator.batch_size", "segmenter.batch_size", "ckpt_every"):
+        sec, _, key = name.rpartition(".")
+        v = getattr(getattr(cfg, sec) if sec else cfg, key)
+        if v < 1:
+            bad(f"{name}={v} must be >= 1")
+    if cfg.segmenter.stride < 1 or cfg.segmenter.stride > cfg.segmenter.tile:
+        bad(f"segmenter.stride={cfg.segmenter.stride} must be in [1, segmenter.tile={cfg.segmenter.tile}]")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        bad(f"device={cfg.device!r}: use cpu or cuda")
+
+
+def resolve(preset: Optional[str] = None, file: Optional[str] = None, sets: Optional[List[str]] = None,
+            overrides: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Preset, then the YAML file, then explicit overrides (CLI flags), then ``--set`` items."""
+    cfg = RunConfig()
+    file_dict: Dict[str, Any] = {}
+    if file:
+        try:
+            with open(file) as fh:
+                file_dict = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise UserError(f"--config {file}: cannot read ({exc.strerror})")
+        except yaml.YAMLError as exc:
+            raise UserError(f"--config {file}: not valid YAML ({str(exc).splitlines()[0]})")
+        if not isinstance(file_dict, dict):
+            raise UserError(f"--config {file}: expected a mapping of config keys")
+    preset = preset or file_dict.get("preset") or "quick"
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    _merge(cfg, PRESETS[preset], "")
+    cfg.preset = preset
+    _merge(cfg, {k: v for k, v in file_dict.items() if k != "preset"}, "")
+    _merge(cfg, overrides or {}, "")
+    for item in sets or []:
+        _merge(cfg, _parse_set(item), "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    _merge(cfg, d, "")
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,291 @@
+"""The method end to end, top to bottom. Each stage is resumable: its result is saved atomically in
+the run directory and skipped on a re-run; training stages also continue from in-stage checkpoints.
+
+    pretrain_source     G_S: mask-conditioned DDPM on source crops (vessel-weighted noise loss)
+    pretrain_target     G_T^0: same network, mask channel zeros, target crops (w = 0)
+    invert              DDIM inversion of the source crops with G_S, t0 of the DDIM steps
+    synthesize_0        G_T^0 denoises each latent: synthetic target images paired with source masks
+    segmenter_0         F^0 on (synthetic image, source mask); evaluated as iter0
+    baseline[_histmatch]  segmenters on source crops (raw / histogram-matched), same budget as F^0
+    round k = 1..K:     pseudo_label_k (F^{k-1} on the real target training images),
+                        target_generator_k (G_T^k from G_T^{k-1} on (target image, pseudo-label)),
+                        synthesize_k (G_T^k conditioned on the source masks), segmenter_k (F^k); iter{k}
+
+Target labels are read only by :func:`evaluate`, on the target test split.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vesselfast.data import Sample, builtin_domain, load_domain, preprocessing_spec, random_crops
+from vesselfast.diffusion import NoiseSchedule, t0_index
+from vesselfast.metrics import evaluate_images
+from vesselfast.models import SegmenterUNet, generator_from_dict
+from vesselfast.pipeline import report
+from vesselfast.pipeline.baselines import histmatch_crops
+from vesselfast.pipeline.config import RunConfig, dump
+from vesselfast.pipeline.generative import EpsModel, build_generator, evals_per_image, invert, synthesize, train_generator
+from vesselfast.pipeline.rundir import LOG, RunDir
+from vesselfast.pipeline.segmenter import predict_probs, train_segmenter
+
+
+@dataclass
+class Data:
+    source_train: List[Sample]
+    target_train: List[Sample]     # images only: labels never read
+    target_test: List[Sample]      # with labels, for evaluation only
+    src_images: torch.Tensor       # [pool, 1, c, c] source crops
+    src_masks: torch.Tensor        # [pool, 1, c, c]
+    tgt_images: torch.Tensor       # [pool, 1, c, c] target crops (no labels)
+
+
+def load_samples(paths: List[str], role: str, split: str, read_labels: bool, cfg: RunConfig, seed: int) -> List[Sample]:
+    d = cfg.data
+    if paths == ["builtin"]:
+        n = d.builtin_test_n if split == "test" else d.builtin_n
+        return builtin_domain(role, split, n, d.builtin_size, seed)
+    scale = "auto" if d.source_scale is None else d.source_scale
+    return load_domain(paths, role, split, read_labels, channel=d.channel, scale=scale, clahe=d.clahe)
+
+
+def prepare_data(cfg: RunConfig) -> Data:
+    """Deterministic from the config: recomputed (cheaply) on every (re)start instead of stored."""
+    d = cfg.data
+    source_train = load_samples(d.source, "source", "train", True, cfg, cfg.seed)
+    target_train = load_samples([d.target], "target", "train", False, cfg, cfg.seed)
+    target_test = load_samples([d.target_test or d.target], "target", "test", True, cfg, cfg.seed)
+    if any(s.mask is not None for s in target_train):
+        raise AssertionError("target training labels were read")  # load_domain must never do this
+    src_images, src_masks, _ = random_crops(source_train, d.pool, d.crop, np.random.default_rng(cfg.seed + 1))
+    tgt_images, _, _ = random_crops(target_train, d.pool, d.crop, np.random.default_rng(cfg.seed + 2))
+    LOG.info(f"data: source {len(source_train)} images -> {d.pool} crops of {d.crop} px; target {len(target_train)} "
+             f"train images (unlabelled), {len(target_test)} test images")
+    return Data(source_train, target_train, target_test, torch.as_tensor(src_images), torch.as_tensor(src_masks),
+                torch.as_tensor(tgt_images))
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, run: RunDir):
+        self.cfg, self.run = cfg, run
+        self.device = cfg.device
+        self.schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
+        self.t0 = t0_index(cfg.diffusion.t0_ratio, cfg.diffusion.ddim_steps)
+        self.data: Optional[Data] = None
+        self.metrics: Dict[str, Dict] = dict(report.load_metrics(run).get("target_test", {}))
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def stage(self, name: str, compute: Callable[[], Dict]) -> Dict:
+        """Result of a stage: loaded when finished before, else computed, saved and marked done.
+        ``compute`` returns the tensors to keep plus an optional "_info" dict for stages.json."""
+        if self.run.is_done(name):
+            return self.run.load(name)
+        LOG.info(f"stage {name}: start")
+        t = time.perf_counter()
+        result = compute()
+        info = result.pop("_info", {})
+        seconds = time.perf_counter() - t
+        self.run.finish(name, result, {"seconds": round(seconds, 2), **info})
+        LOG.info(f"stage {name}: done in {seconds:.1f} s")
+        return result
+
+    def generator(self, state: Dict):
+        model = generator_from_dict(state["arch"])
+        model.load_state_dict(state["ema"])
+        return model
+
+    def segmenter(self, state: Dict) -> SegmenterUNet:
+        model = SegmenterUNet(1, state["channels"])
+        model.load_state_dict(state["model"])
+        return model.eval()
+
+    def _gen_arch(self):
+        g = self.cfg.generator
+        return {"base_channels": g.base_channels, "channel_mult": list(g.channel_mult), "num_res_blocks": g.num_res_blocks,
+                "attention_levels": list(g.attention_levels), "dropout": g.dropout}
+
+    def inference_meta(self) -> Dict:
+        """What a saved segmenter needs to be used on its own (vesselfast segment, export)."""
+        s = self.cfg.segmenter
+        return {"preprocessing": preprocessing_spec("octa", clahe=self.cfg.data.clahe), "tile": s.tile,
+                "stride": s.stride, "threshold": s.threshold}
+
+    def _bar(self, total, desc):
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        return bar, (lambda done: bar.update(done - bar.n))
+
+    # -- stages -----------------------------------------------------------------------------------
+    def train_generator_stage(self, name: str, images, masks, steps: int, seed: int, init: Optional[Dict] = None):
+        def compute():
+            model = build_generator(self.cfg.generator, seed)
+            if init is not None:
+                model.load_state_dict(init["model"])
+            ema = train_generator(model, images, masks, steps, self.cfg.generator, self.schedule, seed, self.device,
+                                  self.run, name, self.cfg.ckpt_every, desc=name,
+                                  ema_init=None if init is None else init["ema"])
+            return {"arch": self._gen_arch(), "model": model.state_dict(), "ema": ema.state_dict(),
+                    "_info": {"steps": steps}}
+        return self.stage(name, compute)
+
+    def train_segmenter_stage(self, name: str, images, masks, steps: int, seed: int, init: Optional[Dict] = None):
+        s = self.cfg.segmenter
+
+        def compute():
+            model = self.segmenter(init) if init is not None else None
+            model = train_segmenter(images, masks, steps, s.batch_size, s.lr, seed, self.device, s.precision,
+                                    model=model, channels=s.channels, run=self.run, stage=name,
+                                    ckpt_every=self.cfg.ckpt_every, desc=name)
+            return {"channels": list(s.channels), "model": model.state_dict(), **self.inference_meta(),
+                    "_info": {"steps": steps}}
+        return self.stage(name, compute)
+
+    def synthesize_stage(self, name: str, gen_state: Dict, sampler: str, latents, conditional: bool, seed: int):
+        c, syn = self.cfg, self.cfg.synthesis
+        masks = self.data.src_masks[: c.data.synth_crops]
+
+        def compute():
+            eps_model = EpsModel(self.generator(gen_state), c.generator.precision, self.device)
+            bar, progress = self._bar(masks.shape[0], name)
+            images = synthesize(eps_model, sampler, masks, latents, self.schedule, c.diffusion.ddim_steps, self.t0,
+                                syn.ddim_steps, syn.batch_size, seed, conditional, c.diffusion.clip, syn.eta, progress)
+            bar.close()
+            per_image = evals_per_image(sampler, self.schedule, c.diffusion.ddim_steps, self.t0, syn.ddim_steps)
+            assert eps_model.evals == per_image * masks.shape[0]
+            return {"images": images, "_info": {"sampler": sampler, "unet_evals_per_image": per_image,
+                                                "unet_evals": eps_model.evals}}
+        return self.stage(name, compute)
+
+    def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str) -> List[np.ndarray]:
+        s = self.cfg.segmenter
+        model = self.segmenter(seg_state)
+        return [predict_probs(model, im, s.tile, s.stride, self.device)
+                for im in tqdm(images, desc=desc, leave=False, disable=None)]
+
+    def evaluate_on(self, seg_state: Dict, test: List[Sample], desc: str):
+        """(summary with per-image metrics, probability maps) of a segmenter on labelled test samples."""
+        probs = self.predict(seg_state, [s.image for s in test], desc)
+        res = evaluate_images(probs, [s.mask for s in test], [s.fov for s in test], self.cfg.segmenter.threshold)
+        summary = {k: v for k, v in res.items() if k != "per_image"}
+        summary["per_image"] = {s.name: r for s, r in zip(test, res["per_image"])}
+        return summary, probs
+
+    def evaluate(self, key: str, seg_state: Dict) -> Dict:
+        """Metrics on the target test split: the only place target labels are used."""
+        if key in self.metrics:
+            return self.metrics[key]
+        test = self.data.target_test
+        summary, probs = self.evaluate_on(seg_state, test, f"eval {key}")
+        self.metrics[key] = summary
+        report.save_metrics(self.run, self.metrics)
+        report.save_prediction_grid(self.run, key, test, probs)
+        LOG.info(f"{key}: DSC {summary['dsc']:.4f} (std {summary['dsc_std']:.4f})  AUC {summary['auc']:.4f}  "
+                 f"ACC {summary['acc']:.4f}  AHD {summary['ahd']:.2f} px  ({summary['n_images']} test images)")
+        return summary
+
+    # -- the method -------------------------------------------------------------------------------
+    def run_all(self) -> Dict:
+        c, seed = self.cfg, self.cfg.seed
+        self.data = prepare_data(c)
+        d = self.data
+        syn_masks = d.src_masks[: c.data.synth_crops]
+        syn_src = d.src_images[: c.data.synth_crops]
+
+        # 1. generators
+        g_s = self.train_generator_stage("pretrain_source", d.src_images, d.src_masks, c.generator.steps_source, seed + 10)
+        g_t = self.train_generator_stage("pretrain_target", d.tgt_images, None, c.generator.steps_target, seed + 20)
+
+        # 2. latent similarity mining
+        def do_invert():
+            eps_model = EpsModel(self.generator(g_s), c.generator.precision, self.device)
+            bar, progress = self._bar(syn_src.shape[0], "invert")
+            latents = invert(eps_model, syn_src, syn_masks, self.schedule, c.diffusion.ddim_steps, self.t0,
+                             c.synthesis.batch_size, c.diffusion.clip, progress)
+            bar.close()
+            return {"latents": latents, "_info": {"t0_steps": self.t0, "unet_evals_per_image": self.t0,
+                                                  "unet_evals": eps_model.evals}}
+        latents = self.stage("invert", do_invert)["latents"]
+
+        # 3.-4. iter 0
+        synth = self.synthesize_stage("synthesize_0", g_t, c.synthesis.sampler_iter0, latents, False, seed + 30)
+        f = self.train_segmenter_stage("segmenter_0", synth["images"], syn_masks, c.segmenter.steps_iter0, seed + 40)
+        report.save_round_grid(self.run, 0, syn_src, latents, synth["images"], syn_masks, None, None)
+        self.evaluate("iter0", f)
+
+        # baselines (same segmenter budget as F^0)
+        if c.baselines:
+            b = self.train_segmenter_stage("baseline", d.src_images, d.src_masks, c.segmenter.steps_iter0, seed + 40)
+            self.evaluate("baseline", b)
+            matched = histmatch_crops(d.src_images, [s.image for s in d.target_train], seed + 50)
+            b = self.train_segmenter_stage("baseline_histmatch", matched, d.src_masks, c.segmenter.steps_iter0, seed + 40)
+            self.evaluate("baseline_histmatch", b)
+
+        # 5. co-optimisation rounds
+        for k in range(1, c.rounds + 1):
+            f_prev = f
+
+            def pseudo_label(f_prev=f_prev, k=k):
+                probs = self.predict(f_prev, [s.image for s in d.target_train], f"pseudo-label {k}")
+                labels = [(p >= c.segmenter.threshold).astype(np.uint8) for p in probs]
+                crops, masks, _ = random_crops(
+                    [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(d.target_train, labels)],
+                    c.data.pool, c.data.crop, np.random.default_rng(seed + 100 + k))
+                return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks),
+                        "_info": {"vessel_fraction": float(np.mean([lab.mean() for lab in labels]))}}
+            pseudo = self.stage(f"pseudo_label_{k}", pseudo_label)
+            g_t = self.train_generator_stage(f"target_generator_{k}", pseudo["images"], pseudo["masks"],
+                                             c.generator.steps_round, seed + 200 + k, init=g_t)
+            synth = self.synthesize_stage(f"synthesize_{k}", g_t, c.synthesis.sampler, latents, True, seed + 300 + k)
+            f = self.train_segmenter_stage(f"segmenter_{k}", synth["images"], syn_masks, c.segmenter.steps_round,
+                                           seed + 400 + k, init=f if c.segmenter.finetune else None)
+            report.save_round_grid(self.run, k, syn_src, latents, synth["images"], syn_masks, pseudo["images"],
+                                   pseudo["masks"])
+            self.evaluate(f"iter{k}", f)
+
+        report.write_all(self.run, self.cfg, self.metrics)
+        return self.metrics
+
+
+SEGMENTER_STAGES = ("baseline", "baseline_histmatch", "segmenter_")
+
+
+def metric_key(stage: str) -> str:
+    """Stage name of a segmenter -> its key in metrics.json (segmenter_k -> iterk)."""
+    return "iter" + stage.split("_")[1] if stage.startswith("segmenter_") else stage
+
+
+def evaluate_run(run_dir: str, target_test: Optional[str] = None) -> Dict[str, Dict]:
+    """Re-evaluates every saved segmenter of a run on a target test set (the run's, or ``target_test``)."""
+    from vesselfast.pipeline.config import from_dict
+    import yaml
+
+    run = RunDir(run_dir)
+    cfg_path = run.root / "config.yaml"
+    if not cfg_path.exists():
+        from vesselfast.errors import UserError
+        raise UserError(f"--run {run_dir}: no config.yaml there; point --run at a directory made by vesselfast train")
+    cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
+    if target_test:
+        cfg.data.target_test = target_test
+    pipe = Pipeline(cfg, run)
+    test = load_samples([cfg.data.target_test or cfg.data.target], "target", "test", True, cfg, cfg.seed)
+    out = {}
+    for stage in run.stages():
+        if stage.startswith(SEGMENTER_STAGES) and run.is_done(stage):
+            out[metric_key(stage)], _ = pipe.evaluate_on(run.load(stage), test, f"eval {stage}")
+    return out
+
+
+def run_pipeline(cfg: RunConfig, out: str) -> Dict:
+    """Runs (or resumes) the method into ``out``; returns the target-test metrics per stage."""
+    run = RunDir(out)
+    resuming = run.open(dump(cfg))
+    try:
+        LOG.info(f"{'resuming' if resuming else 'starting'} run in {out} (preset {cfg.preset}, device {cfg.device})")
+        return Pipeline(cfg, run).run_all()
+    finally:
+        run.close()
