@@ -129,3 +129,61 @@ def test_train_option_errors_exit_2(tmp_path, capsys, argv, msg):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vesselfast: error:") and msg in err[0]
     assert not out.exists()
+
+
+def test_eval_reproduces_run_metrics(tiny_run, capsys, tmp_path):
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(tiny_run), "--json", str(out_json)]) == 0
+    again = json.loads(out_json.read_text())
+    want = json.loads((tiny_run / "metrics.json").read_text())["target_test"]
+    assert again.keys() == want.keys()
+    for key in want:
+        assert again[key]["dsc"] == pytest.approx(want[key]["dsc"], abs=1e-12)
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_segment_command_writes_pngs(tiny_run, tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    from vesselfast.data import builtin_domain
+
+    # raw 8-bit OCTA-like inputs, two with the same stem in different folders
+    samples = builtin_domain("target", "test", 2, 96, 0)
+    for i, s in enumerate(samples):
+        d = tmp_path / "in" / f"eye{i}"
+        d.mkdir(parents=True)
+        cv2.imwrite(str(d / "scan.png"), ((s.image + 1) * 127.5).round().astype(np.uint8))
+    out = tmp_path / "out"
+    assert main(["segment", "--model", str(tiny_run), str(tmp_path / "in" / "*" / "scan.png"), "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["eye0_scan_mask.png", "eye0_scan_prob.png", "eye1_scan_mask.png", "eye1_scan_prob.png"]
+    prob = cv2.imread(str(out / "eye0_scan_prob.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(out / "eye0_scan_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert prob.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}
+    assert ((prob >= 128) == (mask == 255)).mean() > 0.99  # the mask is the thresholded probability
+    for argv, msg in ([["--model", str(tmp_path / "missing"), str(out)], "no such file"],
+                      [["--model", str(tiny_run / "ckpt" / "invert.pt"), str(out)], "not a segmenter"],
+                      [["--model", str(tiny_run), str(tmp_path / "nothing*.png")], "matches no image"]):
+        assert main(["segment", *argv, "--out", str(tmp_path / "o2")]) == 2
+        assert msg in capsys.readouterr().err
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    assert main(["segment", "--model", str(tiny_run), str(bad), "--out", str(tmp_path / "o3")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_allocator_reexec_environment(monkeypatch):
+    from vesselfast import allocator
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("VESSELFAST_ALLOCATOR_SET", raising=False)
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    env = allocator.environment()
+    assert "glibc.malloc.mmap_threshold=33554432" in env["GLIBC_TUNABLES"]
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+    assert allocator.environment()["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+    monkeypatch.setenv("VESSELFAST_ALLOCATOR", "system")
+    assert allocator.environment() is None

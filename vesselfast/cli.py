@@ -48,8 +48,16 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run long on big tensors get the tuned allocator (see vesselfast/allocator.py).
+HEAVY = ("train", "eval", "segment", "bench")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if from_shell and argv and argv[0] in HEAVY:
+        from vesselfast.allocator import reexec_with_tuned_allocator
+        reexec_with_tuned_allocator(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "_run"):

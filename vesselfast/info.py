@@ -5,7 +5,14 @@ import platform
 
 import torch
 
-from vesselfast import __version__, _ext
+from vesselfast import __version__, _ext, allocator
+
+
+def _heavy_allocator() -> str:
+    env = allocator.environment()
+    if env is None:
+        return allocator.current() if allocator.current() != "system" else "system (VESSELFAST_ALLOCATOR=system)"
+    return "tcmalloc" if "LD_PRELOAD" in env and "tcmalloc" in env["LD_PRELOAD"] else "glibc-tuned"
 
 
 def _version(module: str):
@@ -28,6 +35,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
+        "allocator": {"this_process": allocator.current(), "heavy_commands": _heavy_allocator()},
         "versions": {m: _version(m) for m in ("numpy", "scipy", "cv2", "onnx", "onnxruntime", "triton")},
         "extension": {"cpu": mod is not None, "cuda": _ext.cuda_built(), "error": reason or None},
         "triton": {"available": triton_err is None, "error": triton_err},
@@ -45,6 +53,8 @@ def format_text(info: dict) -> str:
         f"extension vesselfast._C: cpu={'built' if ext['cpu'] else 'missing'}"
         f" cuda={'built' if ext['cuda'] else 'not built'}" + (f"  ({ext['error']})" if ext["error"] else ""),
         f"triton: {'available' if info['triton']['available'] else info['triton']['error']}",
+        f"allocator for train/eval/segment/bench: {info['allocator']['heavy_commands']}"
+        " (install libtcmalloc-minimal4 for tcmalloc; VESSELFAST_ALLOCATOR=system to turn off)",
         "fused ops (auto picks the first available of cuda, triton, cpu, torch for the tensor's device):",
     ]
     for name, op in info["ops"].items():
