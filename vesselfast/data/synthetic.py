@@ -155,7 +155,7 @@ def synth_fundus(rng: np.random.Generator, size: int = DEFAULT_SIZE):
     segs = _grow(rng, roots, size, w_min=1.2 * k, step=3.0 * k, taper=0.992, p_branch=0.09,
                  curv=0.12, steer=steer, alive=alive)
     w = segs[:, 4] / k
-    contrast = np.clip(0.6 + 0.12 * w, 0.6, 1.0).astype(np.float32)
+    contrast = np.clip(0.15 + 0.17 * w, 0.3, 1.0)   # thin vessels are faint (partial volume).astype(np.float32)
     val, cov = _rasterise(segs, contrast, size)
 
     xx, yy = _grid(size)
@@ -165,17 +165,18 @@ def synth_fundus(rng: np.random.Generator, size: int = DEFAULT_SIZE):
     illum = 1.0 - (0.35 + 0.2 * rng.random()) * (((xx - cx) / R - ox) ** 2 + ((yy - cy) / R - oy) ** 2)
     chor = _smooth_noise(rng, size, 12)
     fine = _smooth_noise(rng, size, 48)
-    base = np.array([0.85, 0.46, 0.18], np.float32) * (0.85 + 0.3 * rng.random(3)).astype(np.float32)
+    gain = 0.8 + 0.7 * rng.random()                  # exposure: green median ~55-120 of 255, as DRIVE/CHASE_DB1
+    base = np.array([0.85, 0.46, 0.18], np.float32) * gain * (0.85 + 0.3 * rng.random(3)).astype(np.float32)
     disc = np.clip(1.2 - np.sqrt((xx - dx) ** 2 + (yy - dy) ** 2) / r_disc, 0, 1) ** 1.5
     mac = np.exp(-((xx - fx) ** 2 + (yy - fy) ** 2) / (2 * (0.07 * S) ** 2))
-    absorb = np.array([0.15, 0.55, 0.4], np.float32) * (0.8 + 0.4 * rng.random())
+    absorb = np.array([0.12, 0.5, 0.35], np.float32) * (0.8 + 0.4 * rng.random())
     img = np.empty((size, size, 3), np.float32)
     for c in range(3):
         ch = base[c] * illum * (1 + (0.10, 0.06, 0.04)[c] * chor + 0.03 * fine)
         ch = ch * (1 - (0.25, 0.35, 0.2)[c] * mac) + (0.18, 0.42, 0.25)[c] * disc
         ch = ch * (1 - absorb[c] * val)
         img[..., c] = ch
-    sigma = (0.7 + 0.3 * rng.random()) * k
+    sigma = (0.8 + 0.3 * rng.random()) * k
     img = cv2.GaussianBlur(img, (0, 0), sigma)
     img += rng.standard_normal(img.shape).astype(np.float32) * 0.012
     img[~fov] = 0.0
@@ -216,7 +217,7 @@ def synth_octa(rng: np.random.Generator, size: int = DEFAULT_SIZE):
     segs = _grow(rng, roots, size, w_min=1.3 * k, step=3.0 * k, taper=0.992, p_branch=0.07,
                  curv=0.1, steer=steer, alive=alive)
     w = segs[:, 4] / k
-    bright = np.clip(0.6 + 0.1 * w, 0.6, 1.0).astype(np.float32)
+    bright = np.clip(0.7 + 0.08 * w, 0.75, 1.0).astype(np.float32)
     val, cov = _rasterise(segs, bright, size)
 
     xx, yy = _grid(size)
@@ -224,15 +225,15 @@ def synth_octa(rng: np.random.Generator, size: int = DEFAULT_SIZE):
     faz = np.clip((dfaz - r_faz) / (0.3 * r_faz), 0, 1)          # 0 inside the FAZ, 1 outside
     # capillary mesh: ridges along the zero set of band-pass noise (a closed, wavy net), unlabelled
     n = rng.standard_normal((size, size)).astype(np.float32)
-    n = cv2.GaussianBlur(n, (0, 0), 1.3 * k) - cv2.GaussianBlur(n, (0, 0), 3.5 * k)
+    n = cv2.GaussianBlur(n, (0, 0), 1.5 * k) - cv2.GaussianBlur(n, (0, 0), 4.0 * k)
     n /= float(n.std()) + 1e-6
-    mesh = np.exp(-(n / 0.4) ** 2)
-    density = 0.8 + 0.25 * _smooth_noise(rng, size, 8)
-    cap = (0.38 + 0.12 * rng.random()) * mesh * np.clip(density, 0.3, 1.2) * faz
+    mesh = np.exp(-(n / 0.3) ** 2)
+    density = 0.85 + 0.2 * _smooth_noise(rng, size, 8)
+    cap = (0.75 + 0.2 * rng.random()) * mesh * np.clip(density, 0.3, 1.2) * faz
     bg = 0.08 + 0.04 * _smooth_noise(rng, size, 10) * faz
     img = np.maximum(bg + cap, val)
     # speckle (multiplicative gamma) and additive noise
-    shape = 5.0 + 3.0 * rng.random()
+    shape = 8.0 + 6.0 * rng.random()
     img = img * rng.gamma(shape, 1.0 / shape, img.shape).astype(np.float32)
     img = cv2.GaussianBlur(img, (0, 0), 0.6 * k)
     img += rng.standard_normal(img.shape).astype(np.float32) * 0.02
