@@ -418,3 +418,61 @@ def test_sanity_reference_formula():
     t = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
     got, _ = ops.ddim_step_reference(t(x), t(e), ab_t, ab_p, eta, t(z))
     assert abs(got.item() - want) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU kernel internals: every instruction-set variant, and the 16-bit conversions against torch's
+# ------------------------------------------------------------------------------------------------
+ISAS = ["generic", "avx2", "avx512"]  # VESSELFAST_CPU_ISA only lowers the choice: unsupported ones run lower
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_isa_variants_match_reference(isa, dtype, monkeypatch):
+    monkeypatch.setenv("VESSELFAST_CPU_ISA", isa)
+    shape = (3, 1, 37, 53)
+    gen, x, eps, z = make_inputs(shape, dtype, seed=17)
+    t = timesteps(gen, shape[0])
+    for kind, kw in STEP_CASES:
+        (out, x0), (want, want_x0), (r32, r32_x0) = run_step(kind, kw, x, eps, z, t, "cpu")
+        assert_close(out, want, dtype, f"{kind} out [cpu/{isa}]", r32)
+        assert_close(x0, want_x0, dtype, f"{kind} x0 [cpu/{isa}]", r32_x0)
+    eps, hat, w, g = loss_inputs(shape, dtype, seed=18)
+    want, want_grad = loss_reference64(eps, hat, w, g)
+    h = hat.clone().requires_grad_(True)
+    loss = ops.vessel_noise_loss(eps, h, w, reduction="none", backend="cpu")
+    assert torch.allclose(loss.double(), want, rtol=1e-5, atol=1e-7)
+    (loss * g.float()).sum().backward()
+    assert_close(h.grad, want_grad, dtype, f"loss grad [cpu/{isa}]")
+
+
+def _special_values(dtype):
+    finfo = torch.finfo(dtype)
+    vals = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), finfo.max, -finfo.max, finfo.tiny,
+            finfo.tiny / 4, -finfo.tiny / 8, finfo.eps, 65504.0, 65519.0, 65520.0, 1e-7, 6e-8, 3e-8, 1e38, 3.4e38]
+    gen = torch.Generator().manual_seed(3)
+    rnd = torch.randn(4000, generator=gen, dtype=torch.float64) * torch.logspace(-9, 9, 4000, dtype=torch.float64)
+    return torch.cat([torch.tensor(vals, dtype=torch.float64), rnd]).float()
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_conversions_bit_exact_with_torch(isa, dtype, monkeypatch):
+    """out = d * x with clip off and a = b = s = 0: loads must widen exactly and stores must round like
+    torch (nearest even; overflow to inf; NaN stays NaN), in every ISA variant. (Infinite inputs are left
+    out: the generic update computes 0 * x0 = NaN for them, by design of out = a x0 + b eps' + d x + s z.)"""
+    monkeypatch.setenv("VESSELFAST_CPU_ISA", isa)
+    src = _special_values(dtype)
+    src = src[~torch.isinf(src.to(dtype).float())]
+    for d in (1.0, 1.0 / 3.0, 1.7):
+        # load path: values already representable in dtype, d = 1 -> exact round trip
+        x = src.to(dtype).reshape(1, -1)
+        coef = torch.tensor([[1.0, 1.0, 0.0, 0.0, d, 0.0]])
+        out, _ = torch.ops.vesselfast.diffusion_step(x, torch.zeros_like(x), coef, None, False, False)
+        want = (x.float() * torch.tensor(d, dtype=torch.float32)).to(dtype)
+        # bit-exact, except that 0 * x0 + d * (-0) is +0 (IEEE), and NaN payloads may differ
+        same = ((out.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(out) & torch.isnan(want))
+                | ((out == 0) & (want == 0)))
+        assert same.all(), (d, x[~same][:5], out[~same][:5], want[~same][:5])

@@ -7,6 +7,12 @@
 #include <vector>
 
 #include "vesselfast/checks.h"
+
+// After the torch headers: lets GCC vectorise the 16-bit conversions of cpu_dtype.h (see there).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include "vesselfast/cpu_dtype.h"
 #include "vesselfast/step_math.h"
 
 namespace vesselfast {
@@ -18,46 +24,105 @@ struct Sums {
 
 constexpr int64_t kBlock = 1024;
 
-template <typename T, bool W>
-Sums reduce_range(const T* eps, const T* eps_hat, const T* w, int64_t begin, int64_t end) {
-  Sums s;
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    const int64_t i1 = std::min(end, i0 + kBlock);
-    float d2 = 0.f, wd2 = 0.f, ws = 0.f;
-#pragma omp simd reduction(+ : d2, wd2, ws)
-    for (int64_t i = i0; i < i1; ++i) {
-      const float d = static_cast<float>(eps[i]) - static_cast<float>(eps_hat[i]);
-      d2 += d * d;
-      if (W) {
-        const float wi = static_cast<float>(w[i]);
-        wd2 += wi * d * d;
-        ws += wi;
-      }
-    }
-    s.d2 += d2;
-    s.wd2 += wd2;
-    s.w += ws;
-  }
-  return s;
-}
+template <typename C, bool W>
+struct Loops {
+  using S = typename C::storage;
 
-template <typename T, bool W>
+  // Sums over [begin, end): float over kBlock-element blocks (vectorised), double across blocks.
+  __attribute__((always_inline)) static inline Sums reduce_body(const S* __restrict eps, const S* __restrict eps_hat,
+                                                                const S* __restrict w, int64_t begin, int64_t end) {
+    Sums s;
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t i1 = std::min(end, i0 + kBlock);
+      float d2 = 0.f, wd2 = 0.f, ws = 0.f;
+#pragma omp simd reduction(+ : d2, wd2, ws)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float d = C::load(eps[i]) - C::load(eps_hat[i]);
+        d2 += d * d;
+        if (W) {
+          const float wi = C::load(w[i]);
+          wd2 += wi * d * d;
+          ws += wi;
+        }
+      }
+      s.d2 += d2;
+      s.wd2 += wd2;
+      s.w += ws;
+    }
+    return s;
+  }
+
+  // grad_hat = m2g * (inv_n_half + w * inv_wsum1) * (eps - eps_hat) over [begin, end).
+  __attribute__((always_inline)) static inline void grad_body(const S* __restrict ep, const S* __restrict hp,
+                                                              const S* __restrict wp, S* __restrict gp, float m2g,
+                                                              float inv_n_half, float inv_wsum1, int64_t begin,
+                                                              int64_t end) {
+#pragma omp simd
+    for (int64_t k = begin; k < end; ++k) {
+      const float d = C::load(ep[k]) - C::load(hp[k]);
+      const float wk = W ? C::load(wp[k]) : 0.f;
+      gp[k] = C::store(m2g * loss_weight(wk, inv_n_half, inv_wsum1) * d);
+    }
+  }
+
+  static Sums reduce_generic(const S* e, const S* h, const S* w, int64_t b, int64_t x) { return reduce_body(e, h, w, b, x); }
+  static void grad_generic(const S* e, const S* h, const S* w, S* g, float m, float n, float s, int64_t b, int64_t x) {
+    grad_body(e, h, w, g, m, n, s, b, x);
+  }
+#if VF_X86_DISPATCH
+  VF_TARGET_AVX2 static Sums reduce_avx2(const S* e, const S* h, const S* w, int64_t b, int64_t x) {
+    return reduce_body(e, h, w, b, x);
+  }
+  VF_TARGET_AVX512 static Sums reduce_avx512(const S* e, const S* h, const S* w, int64_t b, int64_t x) {
+    return reduce_body(e, h, w, b, x);
+  }
+  VF_TARGET_AVX2 static void grad_avx2(const S* e, const S* h, const S* w, S* g, float m, float n, float s, int64_t b,
+                                       int64_t x) {
+    grad_body(e, h, w, g, m, n, s, b, x);
+  }
+  VF_TARGET_AVX512 static void grad_avx512(const S* e, const S* h, const S* w, S* g, float m, float n, float s,
+                                           int64_t b, int64_t x) {
+    grad_body(e, h, w, g, m, n, s, b, x);
+  }
+#endif
+  static Sums reduce(cpu::Isa isa, const S* e, const S* h, const S* w, int64_t b, int64_t x) {
+#if VF_X86_DISPATCH
+    if (isa == cpu::Isa::kAvx512) return reduce_avx512(e, h, w, b, x);
+    if (isa == cpu::Isa::kAvx2) return reduce_avx2(e, h, w, b, x);
+#endif
+    (void)isa;
+    return reduce_generic(e, h, w, b, x);
+  }
+  static void grad(cpu::Isa isa, const S* e, const S* h, const S* w, S* g, float m, float n, float s, int64_t b,
+                   int64_t x) {
+#if VF_X86_DISPATCH
+    if (isa == cpu::Isa::kAvx512) return grad_avx512(e, h, w, g, m, n, s, b, x);
+    if (isa == cpu::Isa::kAvx2) return grad_avx2(e, h, w, g, m, n, s, b, x);
+#endif
+    (void)isa;
+    grad_generic(e, h, w, g, m, n, s, b, x);
+  }
+};
+
+template <typename C, bool W>
 void forward(const at::Tensor& eps, const at::Tensor& eps_hat, const at::Tensor* w, at::Tensor& loss,
              at::Tensor& sum_w) {
+  using T = typename C::storage;
   const int64_t batch = eps.size(0), n = eps.numel() / batch;
-  const T* ep = eps.data_ptr<T>();
-  const T* hp = eps_hat.data_ptr<T>();
-  const T* wp = W ? w->data_ptr<T>() : nullptr;
+  const T* ep = static_cast<const T*>(eps.data_ptr());
+  const T* hp = static_cast<const T*>(eps_hat.data_ptr());
+  const T* wp = W ? static_cast<const T*>(w->data_ptr()) : nullptr;
   // Chunks of whole blocks; each chunk reduces into its own slot, then samples combine their chunks
   // in a fixed order (results do not depend on the thread count).
   const int64_t chunk = std::max<int64_t>(kBlock, ((n + 63) / 64 + kBlock - 1) / kBlock * kBlock);
   const int64_t chunks_per_sample = (n + chunk - 1) / chunk;
   std::vector<Sums> partial(batch * chunks_per_sample);
+  const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = j / chunks_per_sample, c = j % chunks_per_sample;
       const int64_t lo = b * n + c * chunk, hi = b * n + std::min(n, (c + 1) * chunk);
-      partial[j] = reduce_range<T, W>(ep, hp, wp, lo, hi);
+      partial[j] = Loops<C, W>::reduce(isa, ep, hp, wp, lo, hi);
     }
   });
   float* lp = loss.data_ptr<float>();
@@ -75,16 +140,18 @@ void forward(const at::Tensor& eps, const at::Tensor& eps_hat, const at::Tensor*
   }
 }
 
-template <typename T, bool W>
+template <typename C, bool W>
 void backward(const at::Tensor& grad, const at::Tensor& eps, const at::Tensor& eps_hat, const at::Tensor* w,
               const at::Tensor& sum_w, at::Tensor& grad_hat) {
-  const int64_t batch = eps.size(0), n = eps.numel() / batch;
-  const T* ep = eps.data_ptr<T>();
-  const T* hp = eps_hat.data_ptr<T>();
-  const T* wp = W ? w->data_ptr<T>() : nullptr;
-  T* gp = grad_hat.data_ptr<T>();
+  using T = typename C::storage;
+  const int64_t n = eps.numel() / eps.size(0);
+  const T* __restrict ep = static_cast<const T*>(eps.data_ptr());
+  const T* __restrict hp = static_cast<const T*>(eps_hat.data_ptr());
+  const T* __restrict wp = W ? static_cast<const T*>(w->data_ptr()) : nullptr;
+  T* __restrict gp = static_cast<T*>(grad_hat.data_ptr());
   const float* g = grad.data_ptr<float>();
   const float* swp = sum_w.data_ptr<float>();
+  const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, eps.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / n, seg_end = std::min(end, (b + 1) * n);
@@ -92,12 +159,7 @@ void backward(const at::Tensor& grad, const at::Tensor& eps, const at::Tensor& e
       const float m2g = -2.f * g[b];
       const float inv_n_half = 0.5f / static_cast<float>(n);
       const float inv_wsum1 = 1.f / (swp[b] + 1.f);
-#pragma omp simd
-      for (int64_t k = i; k < seg_end; ++k) {
-        const float d = static_cast<float>(ep[k]) - static_cast<float>(hp[k]);
-        const float wk = W ? static_cast<float>(wp[k]) : 0.f;
-        gp[k] = static_cast<T>(m2g * loss_weight(wk, inv_n_half, inv_wsum1) * d);
-      }
+      Loops<C, W>::grad(isa, ep, hp, wp, gp, m2g, inv_n_half, inv_wsum1, i, seg_end);
       i = seg_end;
     }
   });
@@ -105,9 +167,9 @@ void backward(const at::Tensor& grad, const at::Tensor& eps, const at::Tensor& e
 
 #define VF_FLOAT_TYPES(TYPE, ...)                                                   \
   switch (TYPE) {                                                                   \
-    case at::kFloat: { using T = float; __VA_ARGS__; break; }                       \
-    case at::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; }            \
-    case at::kHalf: { using T = c10::Half; __VA_ARGS__; break; }                    \
+    case at::kFloat: { using C = cpu::F32; __VA_ARGS__; break; }                    \
+    case at::kBFloat16: { using C = cpu::BF16; __VA_ARGS__; break; }                \
+    case at::kHalf: { using C = cpu::F16; __VA_ARGS__; break; }                     \
     default: TORCH_CHECK(false, "unreachable");                                     \
   }
 
@@ -124,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> vessel_noise_loss_fwd_cpu(const at::Tensor& e
   at::Tensor loss = at::empty({eps.size(0)}, opts), sum_w = at::empty({eps.size(0)}, opts);
   const bool has_w = w.has_value() && w->defined();
   VF_FLOAT_TYPES(eps.scalar_type(), {
-    if (has_w) forward<T, true>(eps, eps_hat, &*w, loss, sum_w);
-    else forward<T, false>(eps, eps_hat, nullptr, loss, sum_w);
+    if (has_w) forward<C, true>(eps, eps_hat, &*w, loss, sum_w);
+    else forward<C, false>(eps, eps_hat, nullptr, loss, sum_w);
   })
   return {loss, sum_w};
 }
@@ -140,8 +202,8 @@ at::Tensor vessel_noise_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& e
   at::Tensor grad_hat = at::empty_like(eps_hat);
   const bool has_w = w.has_value() && w->defined();
   VF_FLOAT_TYPES(eps.scalar_type(), {
-    if (has_w) backward<T, true>(g, eps, eps_hat, &*w, sw, grad_hat);
-    else backward<T, false>(g, eps, eps_hat, nullptr, sw, grad_hat);
+    if (has_w) backward<C, true>(g, eps, eps_hat, &*w, sw, grad_hat);
+    else backward<C, false>(g, eps, eps_hat, nullptr, sw, grad_hat);
   })
   return grad_hat;
 }

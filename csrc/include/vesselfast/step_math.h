@@ -21,7 +21,11 @@ struct StepCoef {
 };
 constexpr int kNumStepCoef = 6;
 
-VF_HD float clip_unit(float v) { return v < -1.f ? -1.f : (v > 1.f ? 1.f : v); }
+// Two independent selects (not nested): vectorises on CPU (maxps/minps-like blends), NaN passes through.
+VF_HD float clip_unit(float v) {
+  v = v < -1.f ? -1.f : v;
+  return v > 1.f ? 1.f : v;
+}
 
 // Returns out; writes the (clipped) x0 prediction to *x0_out.
 VF_HD float diffusion_update(float x, float eps, float z, const StepCoef& c, bool clip, bool use_eps,
