@@ -107,8 +107,8 @@ def read_image(path: str) -> np.ndarray:
 
 
 # A mask whose grey levels are not just {0, v}: threshold at 128 on the 8-bit scale when nearly all pixels
-# are near black/white (anti-aliasing, JPEG); refuse when more than this share is mid-grey.
-MAX_MIDGREY_FRACTION = 0.02
+# are near black/white (anti-aliasing, JPEG); refuse when more than this share is mid-grey (32..223): an image.
+MAX_MIDGREY_FRACTION = 0.2
 
 
 def read_mask(path: str, *, what: str = "vessel mask", notes: Optional[list] = None) -> np.ndarray:

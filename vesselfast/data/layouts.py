@@ -1,8 +1,8 @@
 """Auto-detected dataset layouts: which files are images, vessel masks and field-of-view masks, per split.
 
 A layout lists :class:`Entry` records; nothing is decoded here. With ``labels=False`` a lister never
-lists, opens or stats a label folder (structural guarantee for target training data; tested with an audit
-hook). Only the flat layouts of fundus data (STARE, original CHASE_DB1 zip, flat image folders) keep
+lists a label folder nor opens a label file (structural guarantee for target training data; tested with an
+audit hook); detection may only check that a label folder exists. Only the flat layouts of fundus data (STARE, original CHASE_DB1 zip, flat image folders) keep
 images and labels in one folder, and those are listed as a whole.
 
 Supported (see docs/DATA.md): DRIVE, CHASE_DB1 (split folders or the flat original), HRF, STARE, FIVES,
