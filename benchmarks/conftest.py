@@ -7,12 +7,15 @@ Environment (``vesselfast bench`` sets these from its options):
 - ``VESSELFAST_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda when available);
 - ``VESSELFAST_BENCH_COMPILE=0/1``: include ``torch.compile`` baselines (default: on, off in quick mode).
 The machine (CPU model, threads, load, torch/triton versions, which parts of vesselfast._C were built,
-allocator variables, GPU) is recorded in the JSON's ``machine_info['vesselfast']``.
+allocator variables, GPU) is recorded in the JSON's ``machine_info['vesselfast']``, with
+``other_processes_cores``: the cores other processes kept busy during the run (from /proc/stat), since
+on a shared machine that, not the code, can decide a multi-threaded timing.
 """
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -71,8 +74,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_busy_seconds():
+    """(machine-wide busy CPU seconds from /proc/stat, this process's CPU seconds), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+        ticks = [int(v) for v in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        hz = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return (sum(ticks[:8]) - idle) / hz, t.user + t.system
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_SESSION_START = {}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench_group(name): the `vesselfast bench` group of a benchmark file")
+    _SESSION_START.update(wall=time.monotonic(), busy=_cpu_busy_seconds())
+
+
+def other_processes_cores():
+    """Average number of cores other processes kept busy since the session started (contention check:
+    with T threads on T cores, anything above ~0.1 makes the parallel kernels' timings unreliable)."""
+    start, now = _SESSION_START.get("busy"), _cpu_busy_seconds()
+    if start is None or now is None:
+        return None
+    wall = time.monotonic() - _SESSION_START["wall"]
+    if wall <= 0:
+        return None
+    return max(0.0, ((now[0] - start[0]) - (now[1] - start[1])) / wall)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -88,6 +121,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "other_processes_cores": other_processes_cores(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,

@@ -4,7 +4,9 @@ For each op and size N (float32 elements per tensor, batch 8 with per-sample tim
 - ``eager``: the plain-torch ``*_reference`` (the spec; what the code would run without vesselfast);
 - ``compile``: ``torch.compile`` of that reference, alpha_bar passed as [B] tensors so it compiles once;
 - every kernel backend available on the device (``cpu`` here; ``cuda`` and ``triton`` on a GPU),
-  through the public op (coefficient tables and checks included: what callers pay).
+  through the public op (coefficient tables and checks included: what callers pay);
+- ``cpu-kernel`` / ``cuda-kernel`` (not in quick mode): the compiled op called directly with a
+  precomputed coefficient table (steps) or without autograd (loss), to show the public op's fixed cost.
 - ``copy``: ``dst.copy_(src)`` moving the same number of bytes as the op must move (the bandwidth floor).
 Bytes an op must move (float32): ddim_step (eta = 0) and ddim_inverse_step read x, eps and write out (3N*4);
 ddpm_step also reads the noise (4N*4); vessel_noise_loss forward + backward reads eps, eps_hat, w twice
@@ -15,9 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bench_device, bench_sizes, rounds_for, with_compile
+from conftest import QUICK, bench_device, bench_sizes, rounds_for, with_compile
 
-from vesselfast import ops
+from vesselfast import _ext, ops
+from vesselfast.ops import diffusion_step as ds
 from vesselfast.ops.registry import backend_unavailable_reason
 
 GROUP = "ops"
@@ -28,7 +31,8 @@ SIZES = bench_sizes(default=[1 << 20, 1 << 22, 1 << 24], quick=[1 << 16])
 BATCH = 8
 WIDTH = 256
 KERNEL_IMPLS = [b for b in ("cuda", "triton", "cpu") if backend_unavailable_reason(b, DEVICE) is None]
-IMPLS = ["eager"] + (["compile"] if with_compile() else []) + KERNEL_IMPLS
+RAW_IMPLS = [] if QUICK else [f"{b}-kernel" for b in KERNEL_IMPLS if b in ("cpu", "cuda")]
+IMPLS = ["eager"] + (["compile"] if with_compile() else []) + KERNEL_IMPLS + RAW_IMPLS
 # tensors of N float32 each that the op must read or write
 TENSORS = {"ddim_step": 3, "ddim_inverse_step": 3, "ddpm_step": 4, "vessel_noise_loss": 7}
 
@@ -50,6 +54,13 @@ def _inputs(numel, seed=0):
 
 def _step_callable(op, impl, numel):
     x, eps, z, ab_t, ab_prev20, ab_next20, ab_prev1 = _inputs(numel)
+    if impl.endswith("-kernel"):  # the compiled op alone, coefficient table computed once
+        _ext.load()
+        coef = {"ddim_step": lambda: ds.ddim_coefficients(ab_t, ab_prev20, 0.0),
+                "ddim_inverse_step": lambda: ds.ddim_inverse_coefficients(ab_t, ab_next20),
+                "ddpm_step": lambda: ds.ddpm_coefficients(ab_t, ab_prev1, "fixed_large")}[op]()
+        noise = z if op == "ddpm_step" else None
+        return lambda: torch.ops.vesselfast.diffusion_step(x, eps, coef, noise, True, False)[0]
     if op == "ddim_step":
         ref = lambda: ops.ddim_step_reference(x, eps, ab_t, ab_prev20)[0]  # noqa: E731
         fused = lambda b: ops.ddim_step(x, eps, ab_t, ab_prev20, backend=b)  # noqa: E731
@@ -75,6 +86,14 @@ def _loss_callable(impl, numel):
     hat = x.clone().requires_grad_(True)
     w = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.2).float().to(DEVICE)
     g = torch.full((BATCH,), 1.0 / BATCH, device=DEVICE)
+    if impl.endswith("-kernel"):  # forward + backward kernels, no autograd
+        _ext.load()
+        e, h = eps.contiguous(), hat.detach()
+
+        def raw():
+            _, sum_w = torch.ops.vesselfast.vessel_noise_loss_fwd(e, h, w)
+            return torch.ops.vesselfast.vessel_noise_loss_bwd(g, e, h, w, sum_w)
+        return raw
     if impl == "eager":
         fwd = ops.vessel_noise_loss_reference
     elif impl == "compile":

@@ -140,7 +140,8 @@ def summarize(raw: dict, stat: str = "median") -> List[dict]:
         if e["op"] == "copy":
             rows.append(dict(e, gbps=e["bytes"] / e["time_s"] / 1e9 if e["time_s"] > 0 else None, vs_eager=None,
                              vs_compile=None, copy_time_s=e["time_s"], floor=1.0))
-    order = {"eager": 0, "compile": 1, "torch": 2, "cpu": 3, "triton": 4, "cuda": 5, "copy": 9}
+    order = {"eager": 0, "compile": 1, "torch": 2, "cpu": 3, "cpu-kernel": 4, "triton": 5, "cuda": 6,
+             "cuda-kernel": 7, "copy": 9}
     rows.sort(key=lambda r: (r["suite"], r["op"] == "copy", r["op"], r["numel"] or 0, r.get("bytes") or 0,
                              order.get(r["impl"], 6), r["impl"]))
     return rows
@@ -160,7 +161,7 @@ def _count(n):
 
 
 def format_table(rows: List[dict], stat: str) -> str:
-    head = (f"{'op':<20} {'N':>5} {'impl':<8} {stat + ' ms':>10} {'GB/s':>7} {'x eager':>8} {'x compile':>9}"
+    head = (f"{'op':<20} {'N':>5} {'impl':<11} {stat + ' ms':>10} {'GB/s':>7} {'x eager':>8} {'x compile':>9}"
             f" {'% floor':>8}")
     lines = [head, "-" * len(head)]
     prev = None
@@ -170,7 +171,7 @@ def format_table(rows: List[dict], stat: str) -> str:
             lines.append("")
         prev = key
         op = r["op"] if r["op"] != "copy" else f"copy ({r['bytes'] // (4 * r['numel'])}N floats)"
-        lines.append(f"{op:<20} {_count(r['numel']):>5} {r['impl']:<8} {r['time_s'] * 1e3:>10.3f}"
+        lines.append(f"{op:<20} {_count(r['numel']):>5} {r['impl']:<11} {r['time_s'] * 1e3:>10.3f}"
                      f" {_fmt(r['gbps'], '7.1f'):>7} {_fmt(r['vs_eager'], '7.2f'):>8} {_fmt(r['vs_compile'], '8.2f'):>9}"
                      f" {_fmt(None if r['floor'] is None else 100 * r['floor'], '7.0f'):>8}")
     return "\n".join(lines)
@@ -209,7 +210,7 @@ def compare(current: List[dict], baseline: List[dict], fail_over: float):
                 continue
             change = 100.0 * (now / then - 1.0)
             bad = change < -fail_over
-            line = (f"{r['op']:<20} {_count(r['numel']):>5} {r['impl']:<8} {ratio:<9} {then:7.2f} -> {now:7.2f}"
+            line = (f"{r['op']:<20} {_count(r['numel']):>5} {r['impl']:<11} {ratio:<9} {then:7.2f} -> {now:7.2f}"
                     f" ({change:+6.1f}%){'  REGRESSION' if bad else ''}")
             lines.append(line)
             if bad:
@@ -240,6 +241,10 @@ def run(args) -> int:
           f" device {mi.get('device')}{', GPU ' + mi['gpu'] if mi.get('gpu') else ''},"
           f" load avg {mi.get('load_average')}")
     print(format_table(rows, args.stat))
+    others = mi.get("other_processes_cores")
+    if others is not None:
+        print(f"other processes kept {others:.2f} cores busy during the run"
+              + ("  WARNING: contended machine, multi-threaded timings are unreliable" if others > 0.15 else ""))
     if args.json:
         out = {"stat": args.stat, "machine": mi, "datetime": raw.get("datetime"), "rows": rows,
                "pytest_benchmark": {"version": raw.get("version"), "commit_info": raw.get("commit_info")}}
