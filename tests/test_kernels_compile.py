@@ -43,7 +43,11 @@ def test_nvcc_compiles_cuda_kernels(src, arch, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (install a CUDA toolkit or set CUDA_HOME) - CUDA sources not compiled")
     obj = tmp_path / (src.stem + ".o")
+    # setup.py's nvcc flags plus the ones torch's CUDAExtension adds (no implicit half/bfloat16
+    # conversions or operators: the kernels must use the explicit intrinsics).
     cmd = [nvcc, "-c", f"-arch={arch}", "-std=c++17", "-O3", "--use_fast_math", "-fmad=false",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
            "-Werror", "all-warnings", "-I", str(REPO / "csrc" / "include"), str(src), "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
