@@ -206,8 +206,8 @@ def test_several_paths_make_one_domain(tmp_path):
     s = load_domain([str(tmp_path / "DRIVE"), str(tmp_path / "CHASE_DB1")], "source", "train", True, scale="auto")
     assert [x.name.split("/")[0] for x in s] == ["DRIVE"] * 2 + ["CHASE_DB1"] * 2
     assert {x.layout for x in s} == {"DRIVE", "CHASE_DB1"}
-    assert s[0].scale == 0.85 and s[-1].scale == 0.40
-    assert s[0].image.shape == (round(S * 0.85),) * 2 and s[-1].image.shape == (round(S * 0.4),) * 2
+    assert s[0].scale == 0.86 and s[-1].scale == 0.40
+    assert s[0].image.shape == (round(S * 0.86),) * 2 and s[-1].image.shape == (round(S * 0.4),) * 2
     every = load_domain([str(tmp_path / "DRIVE")], "source", "all", True)
     assert [x.name for x in every] == ["train/21_training", "train/22_training", "test/01_test", "test/02_test"]
 

@@ -2,16 +2,17 @@
 OCTA-like grey images (target). Deterministic by seed, no downloads, a few ms per image.
 
 Geometry is drawn in pixel units of a 256-pixel image and scaled with ``size``; at the default size 256 the
-labelled mean vessel width (area / skeleton length) of both domains is ~1.8-2 px, the same calibre as the
-OCTA-500 3M large-vessel labels (1.7 px by the same measure), so both domains work at scale 1.0.
+labelled mean vessel width (area / skeleton length) is 1.73 px (fundus) and 1.82 px (OCTA), the calibre of
+the OCTA-500 3M large-vessel labels (1.69 px by the same measure), so both domains work at scale 1.0.
 
 - Tree: random walkers that taper, curve smoothly, branch by Murray's law (r^3 = r1^3 + r2^3) and cross
   each other. Fundus: four arcades leaving an optic disc, bending around the macula. OCTA: vessels
   entering from the border and ending around a dark foveal avascular zone (FAZ).
 - Fundus render: orange-red background, illumination fall-off, choroidal low-frequency texture, bright
   optic disc, darker macula, vessels darker (strongest in green), blur, noise, circular field of view.
-- OCTA render: dark background, bright vessels whose brightness grows with calibre, a dense capillary mesh
-  that is NOT in the label (as OCTA-500's large-vessel labels), speckle, occasional motion stripes.
+- OCTA render: dark background, bright vessels whose brightness grows with calibre, a dense capillary net
+  (warped Voronoi edges over band-pass ridges) that is NOT in the label (as OCTA-500's large-vessel
+  labels), speckle, occasional motion stripes.
 Rendering is supersampled 4x and area-averaged; the label is vessel coverage >= 0.5.
 """
 from __future__ import annotations
@@ -187,6 +188,38 @@ def synth_fundus(rng: np.random.Generator, size: int = DEFAULT_SIZE):
 
 # -------------------------------------------------------------------------------------------------- OCTA
 
+def _voronoi_net(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
+    """Edges of a Voronoi tessellation (seed spacing ~cell px), warped by a smooth displacement field,
+    with random gaps: float32 [S,S] in [0, 1]."""
+    cv2 = _cv2()
+    n_pts = max(4, int((size / cell) ** 2))
+    seeds = np.ones((size, size), np.uint8)
+    ys, xs = rng.integers(0, size, n_pts), rng.integers(0, size, n_pts)
+    seeds[ys, xs] = 0
+    _, lab = cv2.distanceTransformWithLabels(seeds, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
+    edge = np.zeros((size, size), np.float32)
+    edge[1:, :] += lab[1:, :] != lab[:-1, :]
+    edge[:, 1:] += lab[:, 1:] != lab[:, :-1]
+    edge = np.minimum(edge, 1.0)
+    amp = 0.35 * cell
+    cells = max(2, int(size / (3 * cell)))
+    dx = _smooth_noise(rng, size, cells) * amp
+    dy = _smooth_noise(rng, size, cells) * amp
+    xx, yy = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32))
+    edge = cv2.remap(edge, xx + dx, yy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    gaps = _smooth_noise(rng, size, max(2, int(size / cell))) > -0.6
+    return np.clip(edge * 1.4, 0, 1) * gaps
+
+
+def _ridge_texture(rng: np.random.Generator, size: int, k: float) -> np.ndarray:
+    """Fine wavy ridges: the zero set of band-pass noise."""
+    cv2 = _cv2()
+    n = rng.standard_normal((size, size)).astype(np.float32)
+    n = cv2.GaussianBlur(n, (0, 0), 1.5 * k) - cv2.GaussianBlur(n, (0, 0), 4.0 * k)
+    n /= float(n.std()) + 1e-6
+    return np.exp(-(n / 0.3) ** 2)
+
+
 def synth_octa(rng: np.random.Generator, size: int = DEFAULT_SIZE):
     """-> (grey uint8 [S,S], large-vessel mask uint8 {0,1} [S,S]); capillaries are not labelled."""
     cv2 = _cv2()
@@ -223,11 +256,9 @@ def synth_octa(rng: np.random.Generator, size: int = DEFAULT_SIZE):
     xx, yy = _grid(size)
     dfaz = np.sqrt((xx - fx) ** 2 + (yy - fy) ** 2)
     faz = np.clip((dfaz - r_faz) / (0.3 * r_faz), 0, 1)          # 0 inside the FAZ, 1 outside
-    # capillary mesh: ridges along the zero set of band-pass noise (a closed, wavy net), unlabelled
-    n = rng.standard_normal((size, size)).astype(np.float32)
-    n = cv2.GaussianBlur(n, (0, 0), 1.5 * k) - cv2.GaussianBlur(n, (0, 0), 4.0 * k)
-    n /= float(n.std()) + 1e-6
-    mesh = np.exp(-(n / 0.3) ** 2)
+    # capillary mesh, unlabelled: a warped Voronoi net (polygonal cells of ~9 px, connected 1-px segments)
+    # over a finer band-pass ridge texture
+    mesh = np.maximum(_voronoi_net(rng, size, 9.0 * k), 0.6 * _ridge_texture(rng, size, k))
     density = 0.85 + 0.2 * _smooth_noise(rng, size, 8)
     cap = (0.75 + 0.2 * rng.random()) * mesh * np.clip(density, 0.3, 1.2) * faz
     bg = 0.08 + 0.04 * _smooth_noise(rng, size, 10) * faz
