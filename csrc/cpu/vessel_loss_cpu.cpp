@@ -118,7 +118,10 @@ void forward(const at::Tensor& eps, const at::Tensor& eps_hat, const at::Tensor*
   const int64_t chunks_per_sample = (n + chunk - 1) / chunk;
   std::vector<Sums> partial(batch * chunks_per_sample);
   const cpu::Isa isa = cpu::active_isa();
-  at::parallel_for(0, batch * chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
+  // Grain: at least ~32K elements per thread, so small inputs stay on the calling thread (waking the
+  // pool costs more than they take, and far more when another process holds a core).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / chunk);
+  at::parallel_for(0, batch * chunks_per_sample, grain, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = j / chunks_per_sample, c = j % chunks_per_sample;
       const int64_t lo = b * n + c * chunk, hi = b * n + std::min(n, (c + 1) * chunk);
