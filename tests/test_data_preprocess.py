@@ -31,18 +31,31 @@ def test_source_invariants(channel, clahe):
     im, m, f = preprocess_source(rgb, mask, fov, channel=channel, clahe=clahe)
     assert im.dtype == np.float32 and im.shape == mask.shape and m.dtype == np.uint8 and f.dtype == bool
     assert im.min() >= -1.0 and im.max() <= 1.0
-    assert (im[~fov] == -1.0).all()                               # outside FOV = background
-    assert im[m > 0].mean() > im[(m == 0) & fov].mean() + 0.1    # inverted: vessels bright
-    assert np.array_equal(m, mask)
+    assert (im[~f] == -1.0).all()                                 # outside FOV = background
+    assert im[m > 0].mean() > im[(m == 0) & f].mean() + 0.1      # inverted: vessels bright
+    assert np.array_equal(m, mask & f)
+    assert not (f & ~fov).any() and f.sum() < fov.sum()           # FOV eroded by 3 px (its rim)
+    _, m0, f0 = preprocess_source(rgb, mask, fov, channel=channel, clahe=clahe, fov_erode=0)
+    assert np.array_equal(f0, fov) and np.array_equal(m0, mask)
+
+
+def test_fov_rim_removed():
+    rgb, mask, fov = _fundus(80, 80)
+    from scipy.ndimage import distance_transform_edt as edt
+
+    d = edt(fov)
+    rgb[(d <= 2) & fov] = (90, 30, 10)                           # dark, blurred rim as in DRIVE
+    im, _, f = preprocess_source(rgb, mask, fov, clahe=False)
+    assert (im[(d <= 3) & fov] == -1).all() and f[d > 4].all()
 
 
 def test_source_exact_map_without_clahe():
     rgb, mask, fov = _fundus()
-    im, _, _ = preprocess_source(rgb, mask, fov, channel="green", clahe=False)
-    assert np.allclose(im[fov], (255 - rgb[..., 1][fov].astype(np.float32)) / 127.5 - 1, atol=1e-6)
-    im, _, _ = preprocess_source(rgb, mask, fov, channel="luminance", clahe=False)
+    im, _, f = preprocess_source(rgb, mask, fov, channel="green", clahe=False)
+    assert np.allclose(im[f], (255 - rgb[..., 1][f].astype(np.float32)) / 127.5 - 1, atol=1e-6)
+    im, _, f = preprocess_source(rgb, mask, fov, channel="luminance", clahe=False)
     lum = np.clip(rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114 + 0.5, 0, 255).astype(np.uint8)
-    assert np.allclose(im[fov], (255 - lum[fov].astype(np.float32)) / 127.5 - 1, atol=1e-6)
+    assert np.allclose(im[f], (255 - lum[f].astype(np.float32)) / 127.5 - 1, atol=1e-6)
 
 
 def test_target_invariants():

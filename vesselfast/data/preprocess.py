@@ -2,6 +2,8 @@
 ONNX export metadata (:func:`preprocessing_spec`).
 
 Fundus (source), in this order:
+  0. the FOV (file, else computed) is eroded by ``FOV_ERODE_PX`` = 3 px (its dark rim would become a bright
+     ring) and the vessel mask is cleared outside it,
   1. optional rescale by ``scale`` (OpenCV INTER_AREA down / INTER_LINEAR up; masks and FOV are resampled
      as area fractions and thresholded at 0.5),
   2. one channel: ``green`` (default, the paper's choice) or ``luminance`` (0.299 R + 0.587 G + 0.114 B),
@@ -24,6 +26,10 @@ CLAHE_CLIP = 2.0
 CLAHE_TILES = 8
 CHANNELS = ("green", "luminance")
 BACKGROUND = -1.0
+# The FOV rim of real fundus photographs is dark and blurred, so after inversion it becomes a bright,
+# vessel-like ring (measured 2 px on DRIVE, 3 px on CHASE_DB1): the FOV is eroded by this many pixels
+# (at the original resolution) before anything else.
+FOV_ERODE_PX = 3
 
 # Mean labelled vessel width in pixels (vessel area / skeleton length, vesselfast.data.calibre.mean_width,
 # per image then mean), measured with ``python scripts/measure_calibre.py`` on the copies in ../shared/data.
@@ -115,15 +121,26 @@ def fov_from_image(img: np.ndarray, threshold: int = 20) -> np.ndarray:
     return m.astype(bool)
 
 
+def erode_fov(fov: np.ndarray, px: int = FOV_ERODE_PX) -> np.ndarray:
+    if px <= 0 or fov.all():
+        return fov
+    cv2 = _cv2()
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+    out = cv2.erode(fov.astype(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=1).astype(bool)
+    return out if out.any() else fov
+
+
 def preprocess_source(img: np.ndarray, mask: Optional[np.ndarray] = None, fov: Optional[np.ndarray] = None, *,
-                      channel: str = "green", clahe: bool = CLAHE_DEFAULT, scale: float = 1.0
-                      ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+                      channel: str = "green", clahe: bool = CLAHE_DEFAULT, scale: float = 1.0,
+                      fov_erode: int = FOV_ERODE_PX) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
     """Fundus RGB (or grey) uint8 -> (image float32 [H,W] in [-1,1], mask uint8 {0,1} or None, fov bool)."""
     if img.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {img.dtype}")
     if fov is None:
         fov = fov_from_image(img)
-    fov = np.asarray(fov, bool)
+    fov = erode_fov(np.asarray(fov, bool), int(fov_erode))
+    if mask is not None:
+        mask = np.asarray(mask, bool) & fov
     img = _resize(img, scale)
     fov = _resize(fov, scale, binary=True)
     if mask is not None:
@@ -173,6 +190,7 @@ def preprocessing_spec(modality: str, *, channel: str = "green", clahe: bool = C
         "map": "x/127.5-1 on 8-bit",
         "background": BACKGROUND,
         "fov": "file, else red channel > 20, largest component, eroded 2 px" if modality == "fundus" else "all",
+        "fov_erode_px": FOV_ERODE_PX if modality == "fundus" else 0,
     }
     return spec
 
@@ -181,7 +199,7 @@ def apply_spec(spec: Dict[str, object], img: np.ndarray, fov: Optional[np.ndarra
     """Preprocess one raw uint8 image according to a :func:`preprocessing_spec` dict -> (image, fov)."""
     if spec["modality"] == "fundus":
         im, _, f = preprocess_source(img, None, fov, channel=str(spec["channel"]), clahe=bool(spec["clahe"]),
-                                     scale=float(spec["scale"]))
+                                     scale=float(spec["scale"]), fov_erode=int(spec.get("fov_erode_px", FOV_ERODE_PX)))
     else:
         im, _, f = preprocess_target(img, None, clahe=bool(spec["clahe"]), scale=float(spec["scale"]))
     return im, f
