@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         import cv2
 
         s = tgt_test[0]
-        row = [(s.image + 1) / 2, s.mask.astype(np.float32), predict_probs(f_src, s.image), predict_probs(f_tgt, s.image)]
+        row = [(s.image + 1) / 2, s.mask.astype(np.float32), predict_probs(f_src, s.image),
+               predict_probs(f_tgt, s.image)]
         cv2.imwrite(args.png, np.clip(np.concatenate(row, 1) * 255 + 0.5, 0, 255).astype(np.uint8))
     res["settings"] = vars(args)
     res["seconds"] = {"data": round(t_data, 1), "train_source": round(t_src, 1), "train_oracle": round(t_tgt, 1),

@@ -116,7 +116,8 @@ def check_paths(paths: Union[str, Sequence[str]], role: str, split: str = "all")
                 full = ((os.path.basename(os.path.normpath(path)) + "/") if len(paths) > 1 else "") + e.name
                 full = (sp, full)
                 if full in seen_names:
-                    raise UserError(f"{e.image}: duplicate image name {full[1]!r} (also {seen_names[full]}); rename one")
+                    raise UserError(f"{e.image}: duplicate image name {full[1]!r} (also {seen_names[full]}); "
+                                    "rename one")
                 seen_names[full] = e.image
             if fov_computed:
                 notes.append(f"{sp or 'all'}: no FOV files for {fov_computed} fundus image(s); FOV computed from the "

@@ -2,8 +2,9 @@
 
 A layout lists :class:`Entry` records; nothing is decoded here. With ``labels=False`` a lister never
 lists a label folder nor opens a label file (structural guarantee for target training data; tested with an
-audit hook); detection may only check that a label folder exists. Only the flat layouts of fundus data (STARE, original CHASE_DB1 zip, flat image folders) keep
-images and labels in one folder, and those are listed as a whole.
+audit hook); detection may only check that a label folder exists. Only the flat layouts of fundus data
+(STARE, the original CHASE_DB1 zip, flat image folders) keep images and labels in one folder, and those are
+listed as a whole.
 
 Supported (see docs/DATA.md): DRIVE, CHASE_DB1 (split folders or the flat original), HRF, STARE, FIVES,
 OCTA-500 (split folders ``{train,val,test}/{image,label}`` and the released
@@ -130,7 +131,8 @@ def _pair(images: List[Tuple[str, str]], split: Optional[str], labels: bool,
     if labels and mask_dir is None:
         where = os.path.dirname(images[0][1]) if images else "?"
         raise UserError(f"{where}: no vessel mask folder next to the images ({layout_name}); "
-                        "add one (e.g. masks/ with the same file stems) or use this folder only as unlabelled target data")
+                        "add one (e.g. masks/ with the same file stems) or use this folder only as unlabelled "
+                        "target data")
     fovs = _index(fov_dir)
     out = []
     for s, p in images:
@@ -271,7 +273,8 @@ def _octa500_released(root: str) -> Optional[Layout]:
     subsets = [os.path.join(root, s) for s in _OCTA500_SUBSETS if os.path.isdir(os.path.join(root, s))]
     if subsets:
         if len(subsets) > 1:
-            raise UserError(f"{root}: holds several OCTA-500 subsets ({', '.join(os.path.basename(s) for s in subsets)}); "
+            names = ", ".join(os.path.basename(s) for s in subsets)
+            raise UserError(f"{root}: holds several OCTA-500 subsets ({names}); "
                             "pass one of them, e.g. " + subsets[0])
         root = subsets[0]
     pm = _subdir(root, ("Projection Maps", "ProjectionMaps", "Projection_Maps"))

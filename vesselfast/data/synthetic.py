@@ -39,7 +39,8 @@ def _cv2():
 
 def sample_rng(seed: int, role: str, split: str, index: int) -> np.random.Generator:
     """Independent stream per (seed, role, split, index): the i-th image does not depend on n."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, ROLE_ID[role], SPLIT_ID[split], int(index)]))
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, ROLE_ID[role], SPLIT_ID[split], int(index)])
+    return np.random.default_rng(ss)
 
 
 # ------------------------------------------------------------------------------------------------- trees
