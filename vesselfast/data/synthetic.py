@@ -279,7 +279,6 @@ def synth_octa(rng: np.random.Generator, size: int = DEFAULT_SIZE):
         y0 = int(rng.integers(size // 4, 3 * size // 4))
         sh = int(rng.integers(2, 6) * k)
         img[y0:] = np.roll(img[y0:], sh, axis=1)
-        val = None
         cov = np.concatenate([cov[:y0], np.roll(cov[y0:], sh, axis=1)])
     grey = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     mask = (cov >= 0.5).astype(np.uint8)
