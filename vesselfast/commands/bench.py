@@ -46,7 +46,38 @@ def add_arguments(p):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression to select benchmarks")
     p.add_argument("--bench-dir", metavar="DIR", help="folder of the benchmark files (default: the repo's benchmarks/)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to SECONDS for other processes to leave the CPUs idle (shared machines)")
     p.add_argument("-v", "--verbose", action="store_true", help="show pytest's and pytest-benchmark's own output")
+
+
+def busy_cores(interval: float = 1.0) -> Optional[float]:
+    """Cores kept busy by the whole machine over ``interval`` seconds (this process sleeps meanwhile)."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks[:8]) - ticks[3] - ticks[4]
+    try:
+        import time
+        a = sample()
+        time.sleep(interval)
+        return (sample() - a) / os.sysconf("SC_CLK_TCK") / interval
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_quiet(max_seconds: float, threshold: float = 0.1) -> None:
+    import time
+    deadline = time.monotonic() + max_seconds
+    while True:
+        busy = busy_cores(2.0)
+        if busy is None or busy <= threshold:
+            return
+        if time.monotonic() >= deadline:
+            print(f"still {busy:.2f} cores busy after waiting {max_seconds:g} s: running anyway", file=sys.stderr)
+            return
+        print(f"waiting for a quiet machine ({busy:.2f} cores busy)", file=sys.stderr, flush=True)
+        time.sleep(10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +259,8 @@ def run(args) -> int:
         import pytest_benchmark  # noqa: F401
     except ImportError:
         raise UserError("pytest-benchmark is not installed: pip install 'vesselfast[test]'") from None
+    if args.wait_quiet > 0:
+        wait_quiet(args.wait_quiet)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
         rc = run_pytest(files, raw_path, args)
