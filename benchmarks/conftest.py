@@ -108,6 +108,25 @@ def other_processes_cores():
     return max(0.0, ((now[0] - start[0]) - (now[1] - start[1])) / wall)
 
 
+def cpu_isa() -> str:
+    """The element-loop variant the C++ kernels pick (csrc/include/vesselfast/cpu_dtype.h), from the CPU
+    flags and VESSELFAST_CPU_ISA (which can only lower it)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    order = ["generic", "avx2", "avx512"]
+    hw = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+          else "avx2" if {"avx2", "f16c"} <= flags else "generic")
+    want = os.environ.get("VESSELFAST_CPU_ISA", hw)
+    return min(hw, want if want in order else hw, key=order.index)
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     from vesselfast import _ext
     try:
@@ -118,6 +137,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     mod, reason = _ext.load()
     info = {
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

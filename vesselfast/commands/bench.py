@@ -270,9 +270,10 @@ def run(args) -> int:
         raw = json.loads(raw_path.read_text())
     rows = summarize(raw, args.stat)
     mi = raw.get("machine_info", {}).get("vesselfast", {})
-    print(f"machine: {mi.get('cpu_model')}, {mi.get('torch_threads')} threads, torch {mi.get('torch')},"
-          f" device {mi.get('device')}{', GPU ' + mi['gpu'] if mi.get('gpu') else ''},"
-          f" load avg {mi.get('load_average')}")
+    alloc = ", ".join(f"{k}={v}" for k, v in (mi.get("allocator_env") or {}).items()) or "system malloc"
+    print(f"machine: {mi.get('cpu_model')} ({mi.get('cpu_isa')} loops), {mi.get('torch_threads')} threads,"
+          f" torch {mi.get('torch')}, device {mi.get('device')}{', GPU ' + mi['gpu'] if mi.get('gpu') else ''},"
+          f" {alloc}")
     print(format_table(rows, args.stat))
     others = mi.get("other_processes_cores")
     if others is not None:
