@@ -30,7 +30,6 @@ from vesselfast.ops import diffusion_step as ds  # noqa: E402
 from vesselfast.ops import registry  # noqa: E402
 from vesselfast.ops import vessel_loss as vl  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if registry.backend_unavailable_reason(b, "cpu") is None]
 KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
 SHAPES = [(3, 1, 37, 53), (1, 2, 255, 257), (4, 3, 5, 1)]
