@@ -39,7 +39,8 @@ RTOL = {torch.float32: 2e-6, torch.bfloat16: 2.0 ** -7 + 1e-6, torch.float16: 2.
 
 def test_expected_backends_present():
     """CI must not silently lose a backend: the extension is built and Triton is importable."""
-    assert "cpu" in CPU_BACKENDS, registry.backend_unavailable_reason("cpu", "cpu")
+    if os.environ.get("VESSELFAST_NO_EXT", "").strip().lower() not in ("1", "true", "yes", "on"):
+        assert "cpu" in CPU_BACKENDS, registry.backend_unavailable_reason("cpu", "cpu")
     assert "triton" in CPU_BACKENDS, registry.backend_unavailable_reason("triton", "cpu")
 
 
