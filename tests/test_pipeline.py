@@ -187,3 +187,23 @@ def test_allocator_reexec_environment(monkeypatch):
     assert allocator.environment()["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
     monkeypatch.setenv("VESSELFAST_ALLOCATOR", "system")
     assert allocator.environment() is None
+
+
+def test_calibration_matches_the_source_vessel_prior(tiny_run):
+    """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the source masks'
+    vessel fraction inside the FOV (no target label involved)."""
+    import numpy as np
+
+    from vesselfast.pipeline.run import Pipeline, prepare_data
+
+    stages = json.loads((tiny_run / "stages.json").read_text())
+    cfg = resolve("tiny")
+    pipe = Pipeline(cfg, RunDir(tiny_run))
+    pipe.data = prepare_data(cfg)
+    prior = np.mean([s.mask[s.fov].mean() for s in pipe.data.source_train])
+    for stage in ("segmenter_0", "segmenter_1"):
+        assert stages[stage]["calibration_prior"] == pytest.approx(prior, abs=1e-5)
+        probs = pipe.predict(pipe.run.load(stage), [s.image for s in pipe.data.target_train], stage)
+        frac = np.mean(np.concatenate([p.ravel() for p in probs]) >= 0.5)
+        assert frac == pytest.approx(prior, abs=0.01)
+    assert "calibration_prior" not in stages["baseline"]  # the baselines stay as defined

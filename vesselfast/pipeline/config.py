@@ -78,6 +78,10 @@ class SegmenterConfig:
     tile: int = 128
     stride: int = 64
     threshold: float = 0.5
+    # Label-free calibration of F^k: shift the output bias so that the share of target-training pixels
+    # at or above `threshold` equals a vessel-fraction prior. "source": the source masks' vessel
+    # fraction inside the FOV; "none": off; or a number in (0, 1).
+    calibrate: str = "source"
 
 
 @dataclass
@@ -219,6 +223,14 @@ def validate(cfg: RunConfig) -> None:
         sec, key = name.split(".")
         if getattr(getattr(cfg, sec), key) not in ("fp32", "bf16", "fp16"):
             bad(f"{name} must be fp32, bf16 or fp16")
+    cal = cfg.segmenter.calibrate
+    if cal not in ("source", "none"):
+        try:
+            ok = 0.0 < float(cal) < 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            bad(f"segmenter.calibrate={cal!r}: use source, none, or a vessel fraction in (0, 1)")
     if cfg.rounds < 0:
         bad(f"rounds={cfg.rounds} must be >= 0")
     for name in ("generator.steps_source", "generator.steps_target", "segmenter.steps_iter0", "data.pool",
