@@ -39,7 +39,10 @@ def _extensions():
     sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                   + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
+    # torch >= 2.14's headers need C++20; older ones are built and tested with C++17.
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    std = "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+    cxx = ["-O3", "-fopenmp", std, "-ffp-contract=off"]
     # -march=native would make a wheel that crashes on older CPUs; opt in for a local build.
     if _flag("VESSELFAST_NATIVE"):
         cxx.append("-march=native")
@@ -58,7 +61,7 @@ def _extensions():
     if with_cuda:
         sources += rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
                        + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-fmad=false"]
+        extra["nvcc"] = ["-O3", std, "--use_fast_math", "-fmad=false"]
         define_macros.append(("VESSELFAST_WITH_CUDA", "1"))
         ext = ce.CUDAExtension("vesselfast._C", sources, include_dirs=include_dirs,
                                define_macros=define_macros, extra_compile_args=extra,
