@@ -93,12 +93,7 @@ void dispatch_flags(bool clip, bool use_eps, bool noise, bool need_x0, const at:
     run<C, CL, U, N, X>(x, eps, z, coef, out, x0);                   \
     return;                                                          \
   }
-  VF_CASE(true, true, true, true) VF_CASE(true, true, true, false) VF_CASE(true, true, false, true)
-  VF_CASE(true, true, false, false) VF_CASE(true, false, true, true) VF_CASE(true, false, true, false)
-  VF_CASE(true, false, false, true) VF_CASE(true, false, false, false) VF_CASE(false, true, true, true)
-  VF_CASE(false, true, true, false) VF_CASE(false, true, false, true) VF_CASE(false, true, false, false)
-  VF_CASE(false, false, true, true) VF_CASE(false, false, true, false) VF_CASE(false, false, false, true)
-  VF_CASE(false, false, false, false)
+  VF_STEP_FLAG_CASES(VF_CASE)
 #undef VF_CASE
 }
 

@@ -61,12 +61,7 @@ cudaError_t launch_typed(const void* x, const void* eps, const void* z, const fl
 #define VF_CASE(C, U, N, X)                                                                          \
   if (clip == C && use_eps == U && noise == N && want_x0 == X)                                      \
     return launch4<T, C, U, N, X>(x, eps, z, coef, out, x0, batch, per_sample, stream);
-  VF_CASE(true, true, true, true) VF_CASE(true, true, true, false) VF_CASE(true, true, false, true)
-  VF_CASE(true, true, false, false) VF_CASE(true, false, true, true) VF_CASE(true, false, true, false)
-  VF_CASE(true, false, false, true) VF_CASE(true, false, false, false) VF_CASE(false, true, true, true)
-  VF_CASE(false, true, true, false) VF_CASE(false, true, false, true) VF_CASE(false, true, false, false)
-  VF_CASE(false, false, true, true) VF_CASE(false, false, true, false) VF_CASE(false, false, false, true)
-  VF_CASE(false, false, false, false)
+  VF_STEP_FLAG_CASES(VF_CASE)
 #undef VF_CASE
   return cudaErrorInvalidValue;
 }

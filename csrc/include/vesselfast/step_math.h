@@ -22,6 +22,16 @@ struct StepCoef {
 constexpr int kNumStepCoef = 6;
 
 // Two independent selects (not nested): vectorises on CPU (maxps/minps-like blends), NaN passes through.
+// Expands CASE(clip, use_eps, noise, x0) once per combination of the step kernels' compile-time
+// switches; the CPU and CUDA dispatchers both select their template instance with it.
+#define VF_STEP_FLAG_CASES(CASE)                                                                  \
+  CASE(true, true, true, true) CASE(true, true, true, false) CASE(true, true, false, true)        \
+  CASE(true, true, false, false) CASE(true, false, true, true) CASE(true, false, true, false)     \
+  CASE(true, false, false, true) CASE(true, false, false, false) CASE(false, true, true, true)    \
+  CASE(false, true, true, false) CASE(false, true, false, true) CASE(false, true, false, false)   \
+  CASE(false, false, true, true) CASE(false, false, true, false) CASE(false, false, false, true)  \
+  CASE(false, false, false, false)
+
 VF_HD float clip_unit(float v) {
   v = v < -1.f ? -1.f : v;
   return v > 1.f ? 1.f : v;
