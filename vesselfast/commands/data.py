@@ -86,7 +86,6 @@ def split_counts(n: int):
 def write_synthetic(root: str, n: int, size: int = 256, seed: int = 0):
     """Write the synthetic domains under ``root`` (generic layout); returns {"source/train": count, ...}.
     Target train images are written without labels, as real target training data."""
-    import cv2
     import numpy as np
 
     from vesselfast.data.synthetic import raw_pair

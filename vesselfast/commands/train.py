@@ -19,7 +19,6 @@ def run(args) -> int:
 
     from vesselfast.errors import UserError
     from vesselfast.pipeline.config import resolve
-    from vesselfast.pipeline.rundir import RunDir
 
     overrides = {}
     if args.source:

@@ -8,8 +8,8 @@ zero-initialised output convolution. H and W must be divisible by 2 ** (len(chan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -5,10 +5,9 @@ import csv
 import io
 import json
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
-import torch
 
 from vesselfast.pipeline.rundir import RunDir, atomic_write
 
