@@ -110,6 +110,8 @@ def segment_files(batch_fn, meta: Dict, inputs: List[str], out: str, tile: int =
 
     paths = expand_inputs(inputs)
     names = output_names(paths)
+    for path in paths:  # an unreadable image fails here, before any output is written
+        read_image(str(path))
     tile, stride = tile or int(meta["tile"]), stride or int(meta["stride"])
     written = []
     for path, name in tqdm(list(zip(paths, names)), desc="segment", disable=not progress or None):

@@ -1,0 +1,75 @@
+"""Export with checks, as ``vesselfast export`` runs it: load the checkpoint, export, check the graph
+and its parity with torch, then write the file atomically (nothing is written when a check fails)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from vesselfast.errors import UserError
+
+
+def parity_images(paths: Sequence[str], spec, n_builtin: int = 2):
+    """Preprocessed real images for the parity check: the given files (any size), else built-in
+    synthetic OCTA images."""
+    from vesselfast.data import apply_spec, builtin_domain
+    from vesselfast.data.io import read_image
+    from vesselfast.segment import expand_inputs
+
+    if paths:
+        return [apply_spec(spec, read_image(str(p)))[0] for p in expand_inputs(list(paths))], "given images"
+    samples = builtin_domain("target", "train", n=n_builtin, size=256, seed=7, read_labels=False)
+    return [s.image for s in samples], f"{n_builtin} built-in OCTA images"
+
+
+def check_writable(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: folder {parent} is not writable; choose another --out")
+
+
+def export_checked(model: str, out: Path, fmt: str, opset: Optional[int] = None, fp16: bool = False,
+                   check_images: Sequence[str] = (), max_batch: int = 16, max_tile: int = 1024) -> str:
+    """Returns a short report (what was written, parity numbers)."""
+    from vesselfast.export.onnx_export import DEFAULT_OPSET, PARITY, check_parity, export_onnx, parity_inputs
+    from vesselfast.export.ort_runtime import ort_batch_fn, ort_session
+    from vesselfast.pipeline.rundir import atomic_write
+    from vesselfast.segment import load_torch_segmenter
+
+    check_writable(out)
+    if fmt == "tensorrt":  # fail before the slow part when TensorRT cannot work here
+        from vesselfast.export.tensorrt_engine import require_tensorrt
+        require_tensorrt()
+    if opset is not None and not 14 <= opset <= 23:
+        raise UserError(f"--opset {opset}: use 14..23 (default {DEFAULT_OPSET})")
+    torch_model, ck_meta = load_torch_segmenter(model)
+    images, described = parity_images(check_images, ck_meta["preprocessing"])  # bad paths fail before the export
+    proto, meta = export_onnx(torch_model, ck_meta, opset or DEFAULT_OPSET, fp16)
+    inputs = parity_inputs(meta["size_multiple"], images)
+    precision = meta["precision"]
+    onnx_bytes = proto.SerializeToString()
+    session, provider = ort_session(onnx_bytes, "cpu")
+    diff = check_parity(torch_model, ort_batch_fn(session), inputs, precision, "ONNX Runtime")
+    on, tol = PARITY[precision]
+    lines = [f"parity ONNX Runtime ({provider}) vs torch fp32: max |difference| {diff:.2e} on the {on} of "
+             f"{len(inputs) - len(images)} random batches and {described} (tolerance {tol:g}, {precision})"]
+    if fmt == "onnx":
+        atomic_write(out, lambda fh: fh.write(onnx_bytes))
+        lines.append(f"wrote {out} ({len(onnx_bytes) / 1e6:.1f} MB, opset {opset or DEFAULT_OPSET}, {precision}, "
+                     f"tile {meta['tile']}, stride {meta['stride']}, threshold {meta['threshold']})")
+        return "\n".join(lines)
+
+    from vesselfast.export.metadata import sidecar_path
+    from vesselfast.export.tensorrt_engine import build_engine, tensorrt_batch_fn
+
+    engine = build_engine(onnx_bytes, meta, fp16, max_batch, max_tile)
+    trt_inputs = [x for x in inputs if x.shape[0] <= max_batch and max(x.shape[2:]) <= max_tile]
+    diff = check_parity(torch_model, tensorrt_batch_fn(engine), trt_inputs, precision, "TensorRT")
+    lines.append(f"parity TensorRT vs torch fp32: max |difference| {diff:.2e} on the {on}")
+    atomic_write(sidecar_path(out), lambda fh: fh.write(json.dumps(meta, indent=1, sort_keys=True)), "w")
+    atomic_write(out, lambda fh: fh.write(engine))
+    lines.append(f"wrote {out} ({len(engine) / 1e6:.1f} MB, {precision}) and {sidecar_path(out).name}")
+    return "\n".join(lines)

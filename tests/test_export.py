@@ -1,0 +1,206 @@
+"""ONNX export, its metadata, ONNX Runtime parity, ``vesselfast segment`` through ORT and torch, and the
+errors of the deployment path. A tiny segmenter is trained once per module (a few seconds)."""
+import json
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vesselfast.cli import main
+from vesselfast.data import builtin_domain, preprocessing_spec
+from vesselfast.export import Segmenter, read_onnx_metadata
+from vesselfast.models import SegmenterUNet
+from vesselfast.pipeline.rundir import save_checkpoint
+from vesselfast.pipeline.segmenter import train_segmenter
+
+OCTA_TEST = "octa/OCTA-500_3M/test/image"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A (8, 16, 32)-channel segmenter trained for 40 steps on built-in fundus images, saved as the
+    pipeline saves F^k (so it has non-trivial weights and BatchNorm statistics)."""
+    samples = builtin_domain("source", "train", n=4, size=96, seed=3)
+    images = torch.from_numpy(np.stack([s.image for s in samples]))[:, None]
+    masks = torch.from_numpy(np.stack([s.mask for s in samples]).astype(np.float32))[:, None]
+    model = train_segmenter(images, masks, steps=40, batch_size=4, channels=(8, 16, 32), precision="fp32",
+                            channels_last=False, seed=1)
+    path = tmp_path_factory.mktemp("ck") / "segmenter_1.pt"
+    save_checkpoint(path, {"kind": "segmenter_1", "channels": [8, 16, 32], "model": model.state_dict(),
+                           "preprocessing": preprocessing_spec("octa"), "tile": 64, "stride": 32,
+                           "threshold": 0.5})
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_file(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "seg.onnx"
+    assert main(["export", "--onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+def _torch_model(checkpoint):
+    ck = torch.load(checkpoint, weights_only=True)
+    model = SegmenterUNet(1, ck["channels"])
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+def test_onnx_file_passes_checker_and_carries_metadata(onnx_file, checkpoint):
+    model = onnx.load(str(onnx_file))
+    onnx.checker.check_model(model, full_check=True)
+    meta = read_onnx_metadata(onnx_file)
+    _, ck = _torch_model(checkpoint)
+    assert meta["preprocessing"] == ck["preprocessing"]
+    assert (meta["tile"], meta["stride"], meta["threshold"]) == (ck["tile"], ck["stride"], ck["threshold"])
+    assert meta["channels"] == [8, 16, 32] and meta["size_multiple"] == 4 and meta["precision"] == "fp32"
+    # batch, height and width are symbolic in the graph
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]
+
+
+def test_onnx_runtime_matches_float64_torch(onnx_file, checkpoint):
+    """Dynamic batch and non-square sizes; the reference is the same network in float64."""
+    import onnxruntime as ort
+
+    model, _ = _torch_model(checkpoint)
+    model64 = model.double()
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 64, 64), (3, 1, 36, 100), (2, 1, 128, 64)]:
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        got = session.run(None, {"x": x})[0]
+        with torch.no_grad():
+            ref = model64(torch.from_numpy(x).double()).numpy()
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 1e-4, shape
+
+
+def test_fixed_upsample_equals_resize_to_skip(checkpoint):
+    """The exported graph's constant-factor upsampling is the same function on multiples of 2**levels."""
+    model, _ = _torch_model(checkpoint)
+    x = torch.randn(2, 1, 48, 72, dtype=torch.float64)
+    model = model.double()
+    with torch.no_grad():
+        ref = model(x)
+        model.fixed_upsample = True
+        got = model(x)
+    assert torch.equal(ref, got)
+
+
+def test_fp16_export_within_tolerance(checkpoint, tmp_path):
+    out = tmp_path / "seg16.onnx"
+    assert main(["export", "--onnx", "--fp16", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert read_onnx_metadata(out)["precision"] == "fp16"
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in onnx.load(str(out)).graph.initializer)
+
+
+def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch, capsys):
+    from vesselfast.export import onnx_export
+
+    monkeypatch.setitem(onnx_export.PARITY, "fp32", ("logits", -1.0))  # no difference can meet it
+    out = tmp_path / "seg.onnx"
+    assert main(["export", "--onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "parity check failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_segment_ort_and_torch_agree_on_octa(onnx_file, checkpoint, tmp_path, shared_data, capsys):
+    images = sorted((shared_data / OCTA_TEST).iterdir())[:3]
+    outs = {}
+    for backend, model in (("ort", onnx_file), ("torch", checkpoint)):
+        outs[backend] = tmp_path / backend
+        argv = ["segment", "--model", str(model), "--backend", backend, "--out", str(outs[backend])]
+        assert main(argv + [str(p) for p in images]) == 0
+    assert "CPUExecutionProvider" in capsys.readouterr().out
+    for img in images:
+        for kind in ("prob", "mask"):
+            a = cv2.imread(str(outs["ort"] / f"{img.stem}_{kind}.png"), cv2.IMREAD_UNCHANGED).astype(int)
+            b = cv2.imread(str(outs["torch"] / f"{img.stem}_{kind}.png"), cv2.IMREAD_UNCHANGED).astype(int)
+            assert a.shape == (304, 304)
+            if kind == "prob":
+                assert np.abs(a - b).max() <= 1
+            else:  # masks may differ only where the probability sits at the threshold
+                assert np.mean(a != b) < 1e-3
+
+
+def test_segmenter_api_ort_equals_torch(onnx_file, checkpoint):
+    raw = (np.random.default_rng(1).uniform(0, 255, (100, 90))).astype(np.uint8)
+    p_ort = Segmenter.load(str(onnx_file)).predict(raw)
+    p_torch = Segmenter.load(str(checkpoint)).predict(raw)
+    assert p_ort.shape == (100, 90)
+    assert np.abs(p_ort - p_torch).max() < 1e-5
+    # a checkpoint given to the ort backend is exported in memory
+    seg = Segmenter.load(str(checkpoint), backend="ort")
+    assert seg.backend == "ort" and np.abs(seg.predict(raw) - p_torch).max() < 1e-5
+
+
+def _plain_onnx(path):
+    """A valid ONNX model (identity) that is not ours."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, "h", "w"])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 1, "h", "w"])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"])], "plain", [x], [y])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "no_metadata", "truncated_onnx", "unreadable_image", "bad_tile",
+                                  "onnx_with_torch", "tensorrt_unavailable", "cuda_without_gpu"])
+def test_segment_errors(case, onnx_file, tmp_path, capsys):
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), np.full((80, 80), 100, np.uint8))
+    model, inputs, extra, expect = str(onnx_file), [str(good)], [], ""
+    if case == "missing":
+        model, expect = str(tmp_path / "nope.onnx"), "nope.onnx: no such file"
+    elif case == "no_metadata":
+        model, expect = str(_plain_onnx(tmp_path / "plain.onnx")), "without vesselfast metadata"
+    elif case == "truncated_onnx":
+        cut = tmp_path / "cut.onnx"
+        cut.write_bytes(onnx_file.read_bytes()[:5000])
+        model, expect = str(cut), "cut.onnx: not a readable ONNX file"
+    elif case == "unreadable_image":
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        inputs, expect = [str(good), str(bad)], "broken.png"
+    elif case == "bad_tile":
+        extra, expect = ["--tile", "66"], "--tile 66: this ort model needs a multiple of 4"
+    elif case == "onnx_with_torch":
+        extra, expect = ["--backend", "torch"], "--backend torch needs a run directory or checkpoint"
+    elif case == "tensorrt_unavailable":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        extra, expect = ["--backend", "tensorrt"], "--backend tensorrt: "
+    elif case == "cuda_without_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        extra, expect = ["--device", "cuda"], "--device cuda"
+    out = tmp_path / "out"
+    assert main(["segment", "--model", model, "--out", str(out), *extra, *inputs]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_export_errors(checkpoint, tmp_path, capsys):
+    cases = [
+        (["--onnx", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "a.onnx")], "none.pt"),
+        (["--onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "no_dir" / "a.onnx")], "does not exist"),
+        (["--onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.onnx"), "--opset", "7"], "--opset 7"),
+        (["--onnx", "--run", str(tmp_path), "--out", str(tmp_path / "a.onnx")], "no trained segmenter"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--tensorrt", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.engine")], "--tensorrt"))
+    for argv, expect in cases:
+        assert main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_metadata_is_plain_json(onnx_file):
+    raw = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["vesselfast"]
+    assert json.loads(raw)["format"] == "vesselfast-segmenter/1"
