@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from vesselfast.pipeline.rundir import RunDir, atomic_write
+from vesselfast.pipeline.rundir import RunDir
 
 SUMMARY_KEYS = ("dsc", "dsc_std", "auc", "auc_std", "acc", "acc_std", "ahd", "ahd_std", "n_images")
 
@@ -60,7 +60,7 @@ def _save_png(run: RunDir, name: str, grid: np.ndarray) -> None:
     import cv2
     ok, buf = cv2.imencode(".png", grid)
     if ok:
-        atomic_write(run.pictures / name, lambda fh: fh.write(buf.tobytes()))
+        run.write_bytes(f"pictures/{name}", buf.tobytes())
 
 
 def save_round_grid(run: RunDir, k: int, sources, latents, synth, masks, pseudo_images=None, pseudo_masks=None,
@@ -107,7 +107,7 @@ def plot_metrics(run: RunDir, metrics: Dict[str, Dict]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write(run.root / "metrics.png", lambda fh: fh.write(buf.getvalue()))
+    run.write_bytes("metrics.png", buf.getvalue())
 
 
 def write_report(run: RunDir, cfg, metrics: Dict[str, Dict]) -> None:

@@ -14,12 +14,14 @@ new file, never half of one. Loading uses ``torch.load(weights_only=True)``: no 
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -27,31 +29,62 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from vesselfast.errors import UserError
+from vesselfast.pipeline import testhooks
 
 LOG = logging.getLogger("vesselfast")
 FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via ``write(fh)`` to a temp file in the same folder, fsync, rename over ``path``."""
+    """Write via ``write(fh)`` to a temp file in the same folder, fsync it, rename it over ``path``, fsync
+    the folder (so the rename itself survives a power cut). A kill at any point leaves the old file or the
+    new one, plus at worst a stray ``.NAME.*.tmp`` (removed when the run directory is next opened).
+    An OSError (disk full, read-only, permissions) becomes a UserError naming the file; no temp file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for the group to read too
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        testhooks.kill_point(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({_why(exc)}); {_what_to_do(exc)}") from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _what_to_do(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full: free space, then re-run the same command to resume"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the location is not writable: choose a writable --out"
+    return "check the disk and the folder, then re-run the same command to resume"
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems without directory fsync
+            raise
     finally:
         os.close(dir_fd)
 
@@ -61,15 +94,23 @@ def save_checkpoint(path: Path, obj: Dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, kind: Optional[str] = None) -> Dict[str, Any]:
-    """Load a vesselfast checkpoint safely; a missing, truncated or foreign file gives a UserError."""
+    """Load a vesselfast checkpoint safely; a missing, truncated, foreign or code-carrying file gives a
+    UserError. ``weights_only=True``: the unpickler only rebuilds tensors and plain containers, so a file
+    whose pickle would call a function (``__reduce__`` payloads) is refused before anything runs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        refused = _refused_global(exc)
+        if refused:
+            raise UserError(f"{path}: refused to load: the file would run code or build objects other than "
+                            f"tensors ({refused}); it is not a vesselfast checkpoint, nothing from it was run")
         raise UserError(f"{path}: not a readable vesselfast checkpoint (truncated or foreign file: "
-                        f"{str(exc).splitlines()[0][:120]}); delete it to recompute that stage")
+                        f"{_first_line(exc)}); delete it to recompute that stage")
     if not isinstance(obj, dict) or "vesselfast_format" not in obj:
         raise UserError(f"{path}: not a vesselfast checkpoint (no vesselfast_format key)")
     if kind is not None and obj.get("kind") != kind:
@@ -77,37 +118,78 @@ def load_checkpoint(path: Path, kind: Optional[str] = None) -> Dict[str, Any]:
     return obj
 
 
+def _refused_global(exc: Exception) -> Optional[str]:
+    """torch's weights-only unpickler names the function or class it refused ("unsupported GLOBAL ...")."""
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line:
+            return line.strip().rstrip(".")[:120]
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:120]
+
+
 class RunDir:
-    def __init__(self, root: str | os.PathLike):
+    """A run directory. ``writer=False`` (ranks other than 0 of a distributed run) makes it read-only:
+    every method that would write does nothing, so the pipeline code is the same on every rank."""
+
+    def __init__(self, root: str | os.PathLike, writer: bool = True):
         self.root = Path(root)
         self.ckpt = self.root / "ckpt"
         self.pictures = self.root / "pictures"
+        self.writer = writer
         self._lock_fh = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def open(self, config_text: str) -> bool:
         """Create or re-open the run directory for ``config_text``; returns True when resuming.
-        Refuses a directory that holds a different config or is locked by another run."""
+        Refuses a directory that holds a different config or is locked by another run. When it fails,
+        what it created is removed again (nothing half-made is left behind)."""
+        created = [d for d in (self.root, self.ckpt, self.pictures) if not d.exists()]
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.ckpt.mkdir(exist_ok=True)
-            self.pictures.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"--out {self.root}: cannot create the run directory ({exc.strerror}); choose a writable folder")
-        if not os.access(self.root, os.W_OK):
-            raise UserError(f"--out {self.root}: not writable; choose a writable folder")
-        self._lock()
-        cfg_path = self.root / "config.yaml"
-        resuming = cfg_path.exists()
-        if resuming:
-            if cfg_path.read_text() != config_text:
-                self.close()
-                raise UserError(f"{cfg_path}: this run directory was started with a different config; "
-                                "re-run with the same options (or --resume), or choose a new --out")
-        else:
-            atomic_write(cfg_path, lambda fh: fh.write(config_text), "w")
+            try:
+                for d in (self.root, self.ckpt, self.pictures):
+                    d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"--out {self.root}: cannot create the run directory ({_why(exc)}); "
+                                "choose a writable folder")
+            if not os.access(self.root, os.W_OK):
+                raise UserError(f"--out {self.root}: not writable; choose a writable folder")
+            self._lock()
+            self._remove_stray_temp_files()
+            cfg_path = self.root / "config.yaml"
+            resuming = cfg_path.exists()
+            if resuming:
+                if cfg_path.read_text() != config_text:
+                    raise UserError(f"{cfg_path}: this run directory was started with a different config; "
+                                    "re-run with the same options (or --resume), or choose a new --out")
+            else:
+                atomic_write(cfg_path, lambda fh: fh.write(config_text), "w")
+        except BaseException:
+            self.close()
+            self._remove_created(created)
+            raise
         self._setup_log()
         return resuming
+
+    def _remove_created(self, created) -> None:
+        if self.root in created:
+            lock = self.root / ".lock"
+            if lock.exists() and self._lock_fh is None:
+                lock.unlink()
+        for d in reversed(created):  # pictures, ckpt, then the root: only while still empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def _remove_stray_temp_files(self) -> None:
+        """Temp files of writes that a kill interrupted (we hold the lock: no writer is active)."""
+        for folder in (self.root, self.ckpt, self.pictures):
+            for p in folder.glob(".*.tmp"):
+                p.unlink()
 
     def _lock(self):
         fh = open(self.root / ".lock", "a+")
@@ -161,7 +243,10 @@ class RunDir:
 
     def finish(self, stage: str, result: Dict[str, Any], info: Dict[str, Any]) -> None:
         """Save a stage's result, then mark it done (in that order: a kill in between redoes the stage)."""
+        if not self.writer:
+            return
         save_checkpoint(self.stage_path(stage), {"kind": stage, **result})
+        testhooks.kill_point(f"{stage}:saved")
         stages = self.stages()
         stages[stage] = info
         self.write_json("stages.json", stages)
@@ -169,11 +254,25 @@ class RunDir:
         if partial.exists():
             partial.unlink()
 
+    def save_partial(self, stage: str, obj: Dict[str, Any]) -> None:
+        if self.writer:
+            save_checkpoint(self.partial_path(stage), obj)
+
     def load(self, stage: str) -> Dict[str, Any]:
-        return load_checkpoint(self.stage_path(stage), kind=stage)
+        path = self.stage_path(stage)
+        if not path.exists() and not self.writer:
+            raise UserError(f"{path}: not visible on this node (rank 0 wrote it); the run directory of a "
+                            "multi-node run must be on a file system every node sees")
+        return load_checkpoint(path, kind=stage)
 
     def write_json(self, name: str, obj) -> None:
-        atomic_write(self.root / name, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=False)), "w")
+        if self.writer:
+            atomic_write(self.root / name, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=False)), "w")
 
     def write_text(self, name: str, text: str) -> None:
-        atomic_write(self.root / name, lambda fh: fh.write(text), "w")
+        if self.writer:
+            atomic_write(self.root / name, lambda fh: fh.write(text), "w")
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        if self.writer:
+            atomic_write(self.root / relative, lambda fh: fh.write(data))
