@@ -6,6 +6,10 @@ preloaded and 945 ms with the glibc tunables below. Both must be in place before
 heavy commands re-execute themselves once with them: tcmalloc when ``libtcmalloc_minimal.so.4`` is
 installed (Debian: libtcmalloc-minimal4), else the glibc tunables. ``VESSELFAST_ALLOCATOR=system``
 turns this off.
+
+Under torchrun the re-exec is harmless: ``execve`` keeps the process id, so the elastic agent still
+watches the same worker, its signals and pipes; the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT) is passed on unchanged, and torchrun's ``python -u`` is kept as PYTHONUNBUFFERED.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ def environment() -> Optional[dict]:
     if not sys.platform.startswith("linux"):
         return None
     env = dict(os.environ, **{_MARK: "1"})
+    if getattr(sys.stdout, "write_through", False):  # python -u (torchrun's workers): keep it unbuffered
+        env["PYTHONUNBUFFERED"] = "1"
     lib = find_tcmalloc()
     if lib:
         env["LD_PRELOAD"] = ":".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))

@@ -39,11 +39,19 @@ def run(args) -> int:
     if cfg.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+            what = f"--device {cfg.device}" if args.device else f"device={cfg.device} (config)"
+            raise UserError(f"{what}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
 
+    from vesselfast.pipeline import dist
     from vesselfast.pipeline.run import run_pipeline
 
-    metrics = run_pipeline(cfg, args.out)
-    best = metrics.get(f"iter{cfg.rounds}", metrics.get("iter0", {}))
-    print(f"done: {args.out}/report.md  final DSC {best.get('dsc', float('nan')):.4f}")
+    dist.init_from_env(cfg.device)  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
+    main_rank = dist.is_main()
+    try:
+        metrics = run_pipeline(cfg, args.out)
+    finally:
+        dist.shutdown()
+    if main_rank:
+        best = metrics.get(f"iter{cfg.rounds}", metrics.get("iter0", {}))
+        print(f"done: {args.out}/report.md  final DSC {best.get('dsc', float('nan')):.4f}")
     return 0

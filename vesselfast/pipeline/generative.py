@@ -2,7 +2,7 @@
 source crops, and synthesis of target-style images with each sampler."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -10,6 +10,7 @@ from vesselfast.data import thick_mask
 from vesselfast.diffusion import NoiseSchedule, ddim_invert, ddim_sample, ddpm_sample, num_evals
 from vesselfast.models import EMA, GeneratorUNet, autocast, generator_from_dict, to_memory_format
 from vesselfast.ops import vessel_noise_loss
+from vesselfast.pipeline import dist
 from vesselfast.pipeline.config import GeneratorTrainConfig
 from vesselfast.pipeline.loop import run_training
 from vesselfast.pipeline.segmenter import augment
@@ -30,8 +31,10 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
     given, else on zeros) with L = 0.5 mean((eps - eps_hat)^2) + sum(w (eps - eps_hat)^2) / (sum(w) + 1),
     w = the mask dilated by 2 px (0 for the unconditional model). AdamW; returns the EMA of the weights
     (initialised from ``ema_init`` when fine-tuning, so the average does not restart from scratch)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(dist.rank_seed(seed))
+    local_batch = dist.per_rank_batch(gcfg.batch_size, "generator.batch_size")
     model = model.to(device).train()
+    net = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
     ema = EMA(model, gcfg.ema_decay)
     if ema_init is not None:
         ema.load_state_dict(ema_init)
@@ -39,7 +42,7 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
     T = schedule.T
 
     def step_fn(step):
-        idx = torch.randint(0, images.shape[0], (gcfg.batch_size,), generator=g)
+        idx = torch.randint(0, images.shape[0], (local_batch,), generator=g)
         if masks is not None:
             x0, cond = augment(g, images[idx], masks[idx])
             w = thick_mask(cond, radius=2).to(device)
@@ -52,7 +55,7 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
         noise = torch.randn(x0.shape, generator=g).to(device)
         x_t = schedule.q_sample(x0, t, noise)
         with autocast(device, gcfg.precision):
-            eps_hat = model(x_t, t.to(device), cond)
+            eps_hat = net(x_t, t.to(device), cond)
         loss = vessel_noise_loss(noise, eps_hat.float(), w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,51 +86,81 @@ class EpsModel:
         return eps.float().contiguous()
 
 
+def _starts(n: int, batch_size: int, batches: Optional[Sequence[int]]) -> List[int]:
+    return list(range(0, n, batch_size)) if batches is None else list(batches)
+
+
 def invert(eps_model: EpsModel, images: torch.Tensor, masks: torch.Tensor, schedule: NoiseSchedule, ddim_steps: int,
-           t0_steps: int, batch_size: int, clip: bool = True, progress=None) -> torch.Tensor:
+           t0_steps: int, batch_size: int, clip: bool = True, progress=None,
+           batches: Optional[Sequence[int]] = None) -> torch.Tensor:
     """DDIM inversion of source crops with G_S conditioned on their own masks: float32 latents
-    [N, 1, h, w] at timestep ddim_timesteps[t0_steps]."""
-    out = []
-    for i in range(0, images.shape[0], batch_size):
+    [N, 1, h, w] at timestep ddim_timesteps[t0_steps]. ``batches``: start indices of the batches to
+    compute (a rank's share, see dist.gather_tensor_batches); default all. Deterministic per batch."""
+    out, done = [], 0
+    for i in _starts(images.shape[0], batch_size, batches):
         eps_model.cond = masks[i:i + batch_size].to(eps_model.device)
         x0 = images[i:i + batch_size].to(eps_model.device).float()
         out.append(ddim_invert(eps_model, schedule, x0, ddim_steps, t0_steps, clip=clip).cpu())
+        done += x0.shape[0]
         if progress:
-            progress(min(i + batch_size, images.shape[0]))
-    return torch.cat(out)
+            progress(done)
+    return torch.cat(out) if out else images.new_zeros((0, *images.shape[1:]), dtype=torch.float32)
+
+
+def draws_noise(sampler: str, eta: float) -> bool:
+    """Whether a sampler consumes random numbers (everything but deterministic DDIM from the latent)."""
+    return sampler != "ddim_latent" or eta > 0
 
 
 def synthesize(eps_model: EpsModel, sampler: str, masks: torch.Tensor, latents: Optional[torch.Tensor],
                schedule: NoiseSchedule, ddim_steps: int, t0_steps: int, sample_steps: int, batch_size: int,
-               seed: int, conditional: bool, clip: bool = True, eta: float = 0.0, progress=None) -> torch.Tensor:
+               seed: int, conditional: bool, clip: bool = True, eta: float = 0.0, progress=None,
+               batches: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Target-style images [N, 1, h, w] in [-1, 1], one per source mask. Samplers:
     'ddim_latent' / 'ddpm_latent': from the inversion latent at t0 (DDIM over the respaced steps / every
     DDPM step); 'ddim_noise': DDIM with ``sample_steps`` from pure noise; 'ddpm_noise': the reference
-    code's full DDPM from pure noise. ``conditional``: feed the source masks (G_T^k, k >= 1) or zeros (G_T^0)."""
-    g = torch.Generator().manual_seed(seed)
+    code's full DDPM from pure noise. ``conditional``: feed the source masks (G_T^k, k >= 1) or zeros (G_T^0).
+
+    One generator (``seed``, on the model's device) feeds the batches in order. ``batches`` (start
+    indices; default all) computes only those batches; for a sampler that draws noise, the batches
+    before them are replayed with a zero noise prediction, which draws exactly the same random numbers
+    without running the network, so a rank's share equals the same rows of a one-process run."""
+    g = torch.Generator(device=eps_model.device).manual_seed(seed)
     t_latent = schedule.ddim_timesteps(ddim_steps)[t0_steps]
-    out = []
+    own = set(_starts(masks.shape[0], batch_size, batches))
+    stochastic = draws_noise(sampler, eta)
+    out, done = [], 0
     for i in range(0, masks.shape[0], batch_size):
+        if i not in own and not (stochastic and i < max(own, default=-1)):
+            continue
         m = masks[i:i + batch_size]
-        eps_model.cond = m.to(eps_model.device) if conditional else None
         if sampler.endswith("_latent"):
             x = latents[i:i + batch_size].to(eps_model.device).float()
         else:
-            x = torch.randn(m.shape, generator=g).to(eps_model.device)
-        if sampler == "ddim_latent":
-            y = ddim_sample(eps_model, schedule, x, ddim_steps, start_index=t0_steps, eta=eta, clip=clip, generator=g)
-        elif sampler == "ddpm_latent":
-            y = ddpm_sample(eps_model, schedule, x, t_start=t_latent, clip=clip, generator=g)
-        elif sampler == "ddim_noise":
-            y = ddim_sample(eps_model, schedule, x, sample_steps, eta=eta, clip=clip, generator=g)
-        elif sampler == "ddpm_noise":
-            y = ddpm_sample(eps_model, schedule, x, clip=clip, generator=g)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}")
-        out.append(y.clamp(-1, 1).cpu())
-        if progress:
-            progress(min(i + batch_size, masks.shape[0]))
-    return torch.cat(out)
+            x = torch.randn(m.shape, generator=g, device=g.device).to(eps_model.device)
+        if i in own:
+            eps_model.cond = m.to(eps_model.device) if conditional else None
+            y = _sample(eps_model, sampler, schedule, x, ddim_steps, t0_steps, t_latent, sample_steps, eta, clip, g)
+            out.append(y.clamp(-1, 1).cpu())
+            done += m.shape[0]
+            if progress:
+                progress(done)
+        else:  # another rank's batch: only advance the generator as computing it would
+            _sample(lambda x_t, t: torch.zeros_like(x_t), sampler, schedule, x, ddim_steps, t0_steps, t_latent,
+                    sample_steps, eta, clip, g)
+    return torch.cat(out) if out else masks.new_zeros((0, *masks.shape[1:]), dtype=torch.float32)
+
+
+def _sample(eps_fn, sampler, schedule, x, ddim_steps, t0_steps, t_latent, sample_steps, eta, clip, g):
+    if sampler == "ddim_latent":
+        return ddim_sample(eps_fn, schedule, x, ddim_steps, start_index=t0_steps, eta=eta, clip=clip, generator=g)
+    if sampler == "ddpm_latent":
+        return ddpm_sample(eps_fn, schedule, x, t_start=t_latent, clip=clip, generator=g)
+    if sampler == "ddim_noise":
+        return ddim_sample(eps_fn, schedule, x, sample_steps, eta=eta, clip=clip, generator=g)
+    if sampler == "ddpm_noise":
+        return ddpm_sample(eps_fn, schedule, x, clip=clip, generator=g)
+    raise ValueError(f"unknown sampler {sampler!r}")
 
 
 def evals_per_image(sampler: str, schedule: NoiseSchedule, ddim_steps: int, t0_steps: int, sample_steps: int) -> int:

@@ -12,6 +12,9 @@ the run directory and skipped on a re-run; training stages also continue from in
                         synthesize_k (G_T^k conditioned on the source masks), segmenter_k (F^k); iter{k}
 
 Target labels are read only by :func:`evaluate`, on the target test split.
+
+Under torchrun every rank runs this same code: training stages are DistributedDataParallel, the
+inference stages are sharded and gathered, and only rank 0 writes (see dist.py, docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from vesselfast.data import Sample, builtin_domain, load_domain, preprocessing_s
 from vesselfast.diffusion import NoiseSchedule, t0_index
 from vesselfast.metrics import evaluate_images
 from vesselfast.models import SegmenterUNet, generator_from_dict
-from vesselfast.pipeline import report
+from vesselfast.errors import UserError
+from vesselfast.pipeline import dist, report, testhooks
 from vesselfast.pipeline.baselines import histmatch_crops
 from vesselfast.pipeline.config import RunConfig, dump
 from vesselfast.pipeline.generative import EpsModel, build_generator, evals_per_image, invert, synthesize, train_generator
@@ -55,6 +59,15 @@ def load_samples(paths: List[str], role: str, split: str, read_labels: bool, cfg
     return load_domain(paths, role, split, read_labels, channel=d.channel, scale=scale, clahe=d.clahe)
 
 
+def check_crop(samples: List[Sample], crop: int, where: str) -> None:
+    """A crop larger than every image would be mostly padding: refuse it, naming the largest that fits."""
+    sides = [min(s.image.shape) for s in samples]
+    if sides and crop > max(sides):
+        fits = max(sides) // 16 * 16
+        raise UserError(f"data.crop={crop} is larger than every {where} image (the largest is "
+                        f"{max(sides)} px on its short side); use --set data.crop={fits} or less")
+
+
 def prepare_data(cfg: RunConfig) -> Data:
     """Deterministic from the config: recomputed (cheaply) on every (re)start instead of stored."""
     d = cfg.data
@@ -63,36 +76,47 @@ def prepare_data(cfg: RunConfig) -> Data:
     target_test = load_samples([d.target_test or d.target], "target", "test", True, cfg, cfg.seed)
     if any(s.mask is not None for s in target_train):
         raise AssertionError("target training labels were read")  # load_domain must never do this
+    check_crop(source_train, d.crop, f"source ({', '.join(d.source)})")
+    check_crop(target_train, d.crop, f"target ({d.target})")
     src_images, src_masks, _ = random_crops(source_train, d.pool, d.crop, np.random.default_rng(cfg.seed + 1))
     tgt_images, _, _ = random_crops(target_train, d.pool, d.crop, np.random.default_rng(cfg.seed + 2))
-    LOG.info(f"data: source {len(source_train)} images -> {d.pool} crops of {d.crop} px; target {len(target_train)} "
-             f"train images (unlabelled), {len(target_test)} test images")
     return Data(source_train, target_train, target_test, torch.as_tensor(src_images), torch.as_tensor(src_masks),
                 torch.as_tensor(tgt_images))
 
 
+def describe(data: Data, cfg: RunConfig) -> str:
+    return (f"data: source {len(data.source_train)} images -> {cfg.data.pool} crops of {cfg.data.crop} px; target "
+            f"{len(data.target_train)} train images (unlabelled), {len(data.target_test)} test images")
+
+
 class Pipeline:
-    def __init__(self, cfg: RunConfig, run: RunDir):
+    def __init__(self, cfg: RunConfig, run: RunDir, data: Optional[Data] = None):
         self.cfg, self.run = cfg, run
-        self.device = cfg.device
+        self.device = dist.device(cfg.device)
         self.schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
         self.t0 = t0_index(cfg.diffusion.t0_ratio, cfg.diffusion.ddim_steps)
-        self.data: Optional[Data] = None
-        self.metrics: Dict[str, Dict] = dict(report.load_metrics(run).get("target_test", {}))
+        self.data: Optional[Data] = data
+        # metrics of earlier runs into this directory: evaluations already done are not repeated
+        self.metrics: Dict[str, Dict] = dist.broadcast(dict(report.load_metrics(run).get("target_test", {})))
 
     # -- plumbing ---------------------------------------------------------------------------------
     def stage(self, name: str, compute: Callable[[], Dict]) -> Dict:
         """Result of a stage: loaded when finished before, else computed, saved and marked done.
         ``compute`` returns the tensors to keep plus an optional "_info" dict for stages.json."""
-        if self.run.is_done(name):
-            return self.run.load(name)
+        if dist.broadcast(self.run.is_done(name)):  # rank 0's view decides, for every rank
+            result = self.run.load(name)
+            testhooks.record_state(name, result)
+            return result
+        testhooks.kill_point(f"{name}:start")
         LOG.info(f"stage {name}: start")
         t = time.perf_counter()
         result = compute()
         info = result.pop("_info", {})
         seconds = time.perf_counter() - t
-        self.run.finish(name, result, {"seconds": round(seconds, 2), **info})
+        self.run.finish(name, result, {"seconds": round(seconds, 2), **info})  # rank 0 only
+        dist.barrier()  # the stage's files exist before any rank goes on
         LOG.info(f"stage {name}: done in {seconds:.1f} s")
+        testhooks.record_state(name, result)
         return result
 
     def generator(self, state: Dict):
@@ -117,8 +141,19 @@ class Pipeline:
                 "stride": s.stride, "threshold": s.threshold}
 
     def _bar(self, total, desc):
-        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True)
         return bar, (lambda done: bar.update(done - bar.n))
+
+    def map_images(self, fn: Callable[[np.ndarray], np.ndarray], images: List[np.ndarray], desc: str) -> List[np.ndarray]:
+        """[fn(image) for image in images], each rank computing a contiguous share, gathered in order."""
+        own = dist.shard(images)
+        bar, progress = self._bar(len(own), desc)
+        out = []
+        for im in own:
+            out.append(fn(im))
+            progress(len(out))
+        bar.close()
+        return dist.gather(out)
 
     # -- stages -----------------------------------------------------------------------------------
     def train_generator_stage(self, name: str, images, masks, steps: int, seed: int, init: Optional[Dict] = None):
@@ -164,8 +199,8 @@ class Pipeline:
         uncalibrated F^0 marked 28% of pixels as vessel (capillaries included) and every round's
         pseudo-labels taught the next generator the same (docs/PIPELINE.md)."""
         s = self.cfg.segmenter
-        probs = [predict_probs(model, t.image, s.tile, s.stride, self.device)
-                 for t in tqdm(self.data.target_train, desc=f"calibrate {name}", leave=False, disable=None)]
+        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device),
+                                [t.image for t in self.data.target_train], f"calibrate {name}")
         p = np.clip(np.concatenate([q.ravel() for q in probs]).astype(np.float64), 1e-7, 1 - 1e-7)
         logits = np.log(p) - np.log1p(-p)
         before = float((p >= s.threshold).mean())
@@ -181,21 +216,25 @@ class Pipeline:
 
         def compute():
             eps_model = EpsModel(self.generator(gen_state), c.generator.precision, self.device)
-            bar, progress = self._bar(masks.shape[0], name)
-            images = synthesize(eps_model, sampler, masks, latents, self.schedule, c.diffusion.ddim_steps, self.t0,
-                                syn.ddim_steps, syn.batch_size, seed, conditional, c.diffusion.clip, syn.eta, progress)
+            bar, progress = self._bar(len(dist.shard(range(masks.shape[0]))), name)
+
+            def own_batches(batches):
+                return synthesize(eps_model, sampler, masks, latents, self.schedule, c.diffusion.ddim_steps, self.t0,
+                                  syn.ddim_steps, syn.batch_size, seed, conditional, c.diffusion.clip, syn.eta,
+                                  progress, batches=batches)
+            images = dist.gather_tensor_batches(own_batches, masks.shape[0], syn.batch_size)
             bar.close()
             per_image = evals_per_image(sampler, self.schedule, c.diffusion.ddim_steps, self.t0, syn.ddim_steps)
-            assert eps_model.evals == per_image * masks.shape[0]
+            evals = dist.total(eps_model.evals)
+            assert evals == per_image * masks.shape[0]
             return {"images": images, "_info": {"sampler": sampler, "unet_evals_per_image": per_image,
-                                                "unet_evals": eps_model.evals}}
+                                                "unet_evals": evals}}
         return self.stage(name, compute)
 
     def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str) -> List[np.ndarray]:
         s = self.cfg.segmenter
         model = self.segmenter(seg_state)
-        return [predict_probs(model, im, s.tile, s.stride, self.device)
-                for im in tqdm(images, desc=desc, leave=False, disable=None)]
+        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device), images, desc)
 
     def evaluate_on(self, seg_state: Dict, test: List[Sample], desc: str):
         """(summary with per-image metrics, probability maps) of a segmenter on labelled test samples."""
@@ -212,8 +251,9 @@ class Pipeline:
         test = self.data.target_test
         summary, probs = self.evaluate_on(seg_state, test, f"eval {key}")
         self.metrics[key] = summary
-        report.save_metrics(self.run, self.metrics)
-        report.save_prediction_grid(self.run, key, test, probs)
+        if self.run.writer:  # the picture first: a kill between the two redoes this evaluation
+            report.save_prediction_grid(self.run, key, test, probs)
+            report.save_metrics(self.run, self.metrics)
         LOG.info(f"{key}: DSC {summary['dsc']:.4f} (std {summary['dsc_std']:.4f})  AUC {summary['auc']:.4f}  "
                  f"ACC {summary['acc']:.4f}  AHD {summary['ahd']:.2f} px  ({summary['n_images']} test images)")
         return summary
@@ -221,7 +261,8 @@ class Pipeline:
     # -- the method -------------------------------------------------------------------------------
     def run_all(self) -> Dict:
         c, seed = self.cfg, self.cfg.seed
-        self.data = prepare_data(c)
+        if self.data is None:
+            self.data = prepare_data(c)
         d = self.data
         syn_masks = d.src_masks[: c.data.synth_crops]
         syn_src = d.src_images[: c.data.synth_crops]
@@ -233,19 +274,22 @@ class Pipeline:
         # 2. latent similarity mining
         def do_invert():
             eps_model = EpsModel(self.generator(g_s), c.generator.precision, self.device)
-            bar, progress = self._bar(syn_src.shape[0], "invert")
-            latents = invert(eps_model, syn_src, syn_masks, self.schedule, c.diffusion.ddim_steps, self.t0,
-                             c.synthesis.batch_size, c.diffusion.clip, progress)
+            bar, progress = self._bar(len(dist.shard(range(syn_src.shape[0]))), "invert")
+            latents = dist.gather_tensor_batches(
+                lambda batches: invert(eps_model, syn_src, syn_masks, self.schedule, c.diffusion.ddim_steps, self.t0,
+                                       c.synthesis.batch_size, c.diffusion.clip, progress, batches=batches),
+                syn_src.shape[0], c.synthesis.batch_size)
             bar.close()
             return {"latents": latents, "_info": {"t0_steps": self.t0, "unet_evals_per_image": self.t0,
-                                                  "unet_evals": eps_model.evals}}
+                                                  "unet_evals": dist.total(eps_model.evals)}}
         latents = self.stage("invert", do_invert)["latents"]
 
         # 3.-4. iter 0
         synth = self.synthesize_stage("synthesize_0", g_t, c.synthesis.sampler_iter0, latents, False, seed + 30)
         f = self.train_segmenter_stage("segmenter_0", synth["images"], syn_masks, c.segmenter.steps_iter0, seed + 40,
                                        calibrate=True)
-        report.save_round_grid(self.run, 0, syn_src, latents, synth["images"], syn_masks, None, None)
+        if self.run.writer:
+            report.save_round_grid(self.run, 0, syn_src, latents, synth["images"], syn_masks, None, None)
         self.evaluate("iter0", f)
 
         # baselines (same segmenter budget as F^0)
@@ -274,11 +318,15 @@ class Pipeline:
             synth = self.synthesize_stage(f"synthesize_{k}", g_t, c.synthesis.sampler, latents, True, seed + 300 + k)
             f = self.train_segmenter_stage(f"segmenter_{k}", synth["images"], syn_masks, c.segmenter.steps_round,
                                            seed + 400 + k, init=f if c.segmenter.finetune else None, calibrate=True)
-            report.save_round_grid(self.run, k, syn_src, latents, synth["images"], syn_masks, pseudo["images"],
-                                   pseudo["masks"])
+            if self.run.writer:
+                report.save_round_grid(self.run, k, syn_src, latents, synth["images"], syn_masks, pseudo["images"],
+                                       pseudo["masks"])
             self.evaluate(f"iter{k}", f)
 
-        report.write_all(self.run, self.cfg, self.metrics)
+        if self.run.writer:
+            report.write_all(self.run, self.cfg, self.metrics)
+        dist.barrier()
+        testhooks.write_state_hashes(dist.rank())
         return self.metrics
 
 
@@ -298,7 +346,6 @@ def evaluate_run(run_dir: str, target_test: Optional[str] = None) -> Dict[str, D
     run = RunDir(run_dir)
     cfg_path = run.root / "config.yaml"
     if not cfg_path.exists():
-        from vesselfast.errors import UserError
         raise UserError(f"--run {run_dir}: no config.yaml there; point --run at a directory made by vesselfast train")
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
     if target_test:
@@ -313,11 +360,22 @@ def evaluate_run(run_dir: str, target_test: Optional[str] = None) -> Dict[str, D
 
 
 def run_pipeline(cfg: RunConfig, out: str) -> Dict:
-    """Runs (or resumes) the method into ``out``; returns the target-test metrics per stage."""
-    run = RunDir(out)
-    resuming = run.open(dump(cfg))
+    """Runs (or resumes) the method into ``out``; returns the target-test metrics per stage.
+    Everything that can be refused (options, data, batch split) is checked before the run directory
+    is touched, so bad input leaves nothing behind."""
+    dist.per_rank_batch(cfg.generator.batch_size, "generator.batch_size")
+    dist.per_rank_batch(cfg.segmenter.batch_size, "segmenter.batch_size")
+    data = prepare_data(cfg)
+    run = RunDir(out, writer=dist.is_main())
+    resuming = dist.run_on_main(lambda: run.open(dump(cfg)))
     try:
-        LOG.info(f"{'resuming' if resuming else 'starting'} run in {out} (preset {cfg.preset}, device {cfg.device})")
-        return Pipeline(cfg, run).run_all()
+        from vesselfast import allocator
+
+        where = f", {dist.world()} processes ({'nccl' if cfg.device.startswith('cuda') else 'gloo'})" \
+            if dist.is_distributed() else ""
+        LOG.info(f"{'resuming' if resuming else 'starting'} run in {out} (preset {cfg.preset}, device {cfg.device}"
+                 f"{where}, allocator {allocator.current()})")
+        LOG.info(describe(data, cfg))
+        return Pipeline(cfg, run, data).run_all()
     finally:
         run.close()

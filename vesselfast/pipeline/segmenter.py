@@ -10,6 +10,7 @@ import torch
 from vesselfast.inference import sliding_window_probs, torch_batch_fn
 from vesselfast.losses import bce_soft_dice_loss
 from vesselfast.models import SegmenterUNet, autocast, to_memory_format
+from vesselfast.pipeline import dist
 from vesselfast.pipeline.loop import run_training
 
 
@@ -30,23 +31,27 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
                     run=None, stage: Optional[str] = None, ckpt_every: int = 200, desc: str = "segmenter") -> SegmenterUNet:
     """images [N, 1, h, w] float32 in [-1, 1], masks [N, 1, h, w] {0,1}: crops already cut.
     ``model`` continues training an existing segmenter (fine-tuning); otherwise a fresh one from ``seed``.
-    With ``run``/``stage`` the loop checkpoints and resumes (see loop.run_training)."""
+    With ``run``/``stage`` the loop checkpoints and resumes (see loop.run_training).
+    Under torchrun: DistributedDataParallel, ``batch_size`` is the global batch (each rank draws its share
+    of it from its own generator), and every rank ends with rank 0's weights and BatchNorm statistics."""
     if images.shape[0] == 0:
         raise ValueError("no training images for the segmenter")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(dist.rank_seed(seed))
+    local_batch = dist.per_rank_batch(batch_size, "segmenter.batch_size")
     if model is None:
         torch.manual_seed(seed)
         model = SegmenterUNet(images.shape[1], channels)
     model = to_memory_format(model.to(device), channels_last).train()
+    net = dist.wrap(model, device)  # the model itself in one process
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / max(1, steps)) ** 0.9)
 
     def step_fn(step):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        idx = torch.randint(0, images.shape[0], (local_batch,), generator=g)
         x, y = augment(g, images[idx], masks[idx])
         x = to_memory_format(x.to(device), channels_last)
         with autocast(device, precision):
-            logits = model(x)
+            logits = net(x)
         loss = bce_soft_dice_loss(logits, y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -55,6 +60,7 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
         return loss.detach()
 
     run_training(step_fn, steps, {"model": model, "opt": opt, "sched": sched}, g, desc, run, stage, ckpt_every)
+    dist.sync_buffers(model)
     return model.eval()
 
 
