@@ -5,7 +5,8 @@ Environment (``vesselfast bench`` sets these from its options):
 - ``VESSELFAST_BENCH_SIZES``: comma-separated element counts (``1M,4M,16M``, ``65536``), overriding the default;
 - ``VESSELFAST_BENCH_THREADS``: torch/OpenMP threads (default 2, the design machine's core count);
 - ``VESSELFAST_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda when available);
-- ``VESSELFAST_BENCH_COMPILE=0/1``: include ``torch.compile`` baselines (default: on, off in quick mode).
+- ``VESSELFAST_BENCH_COMPILE=0/1``: include ``torch.compile`` baselines (default: on, off in quick mode);
+- ``VESSELFAST_BENCH_ROUNDS``: timed rounds per benchmark, overriding each group's choice.
 The machine (CPU model, threads, load, torch/triton versions, which parts of vesselfast._C were built,
 allocator variables, GPU) is recorded in the JSON's ``machine_info['vesselfast']``, with
 ``other_processes_cores``: the cores other processes kept busy during the run (from /proc/stat), since
@@ -161,3 +162,26 @@ def sync():
     if dev.type == "cuda":
         return torch.cuda.synchronize
     return lambda: None
+
+
+def record(benchmark, suite: str, op: str, impl: str, size: int, role: str = None, per_call: int = 1, **extra):
+    """Tags a benchmark for ``vesselfast bench``'s summary. Within one (suite, op, size): the row with
+    ``role="ref"`` (else impl "eager") is what speedups are measured against, the row with
+    ``role="floor"`` is the lower bound (else, for ops, the copy moving the same bytes). ``per_call``:
+    units (steps, images) one timed call handles; the summary reports time per unit."""
+    benchmark.group = f"{suite}:{op}:{size}"
+    benchmark.extra_info.update(suite=suite, op=op, impl=impl, numel=size, per_call=per_call,
+                                device=str(bench_device()), threads=torch.get_num_threads(), **extra)
+    if role is not None:
+        benchmark.extra_info["role"] = role
+
+
+def timed(benchmark, fn, sync, rounds: int, warmup: int = 1):
+    """Runs ``fn`` (then waits for the device) ``rounds`` times after ``warmup`` untimed calls."""
+    rounds = int(os.environ.get("VESSELFAST_BENCH_ROUNDS") or rounds)
+
+    def call():
+        out = fn()
+        sync()
+        return out
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)

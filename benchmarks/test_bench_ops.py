@@ -5,6 +5,8 @@ For each op and size N (float32 elements per tensor, batch 8 with per-sample tim
 - ``compile``: ``torch.compile`` of that reference, alpha_bar passed as [B] tensors so it compiles once;
 - every kernel backend available on the device (``cpu`` here; ``cuda`` and ``triton`` on a GPU),
   through the public op (coefficient tables and checks included: what callers pay);
+- ``auto``: the public op with its default backend choice, what the pipeline runs (so
+  ``VESSELFAST_BACKEND=torch`` turns it into the reference, and ``--compare`` must notice);
 - ``cpu-kernel`` / ``cuda-kernel`` (not in quick mode): the compiled op called directly with a
   precomputed coefficient table (steps) or without autograd (loss), to show the public op's fixed cost.
 - ``copy``: ``dst.copy_(src)`` moving the same number of bytes as the op must move (the bandwidth floor).
@@ -17,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import QUICK, bench_device, bench_sizes, rounds_for, with_compile
+from conftest import QUICK, bench_device, bench_sizes, record, rounds_for, timed, with_compile
 
 from vesselfast import _ext, ops
 from vesselfast.ops import diffusion_step as ds
@@ -34,7 +36,7 @@ WIDTH = 256
 KERNEL_IMPLS = [b for b in ("cuda", "triton", "cpu") if backend_unavailable_reason(b, DEVICE) is None
                 and not (b == "triton" and DEVICE.type == "cpu")]
 RAW_IMPLS = [] if QUICK else [f"{b}-kernel" for b in KERNEL_IMPLS if b in ("cpu", "cuda")]
-IMPLS = ["eager"] + (["compile"] if with_compile() else []) + KERNEL_IMPLS + RAW_IMPLS
+IMPLS = ["eager"] + (["compile"] if with_compile() else []) + ["auto"] + KERNEL_IMPLS + RAW_IMPLS
 # tensors of N float32 each that the op must read or write
 TENSORS = {"ddim_step": 3, "ddim_inverse_step": 3, "ddpm_step": 4, "vessel_noise_loss": 7}
 
@@ -111,18 +113,12 @@ def _loss_callable(impl, numel):
 
 def _record(benchmark, op, impl, numel, tensors):
     nbytes = tensors * numel * 4
-    benchmark.group = f"{GROUP}:{op}:{numel}"
-    benchmark.extra_info.update(suite=GROUP, op=op, impl=impl, numel=numel, bytes=nbytes, dtype="float32",
-                                device=str(DEVICE), threads=torch.get_num_threads())
+    record(benchmark, GROUP, op, impl, numel, bytes=nbytes, dtype="float32")
     return nbytes
 
 
 def _run(benchmark, fn, sync, nbytes):
-    def timed():
-        out = fn()
-        sync()
-        return out
-    benchmark.pedantic(timed, rounds=rounds_for(nbytes), iterations=1, warmup_rounds=2)
+    timed(benchmark, fn, sync, rounds_for(nbytes), warmup=2)
 
 
 @pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")
@@ -146,9 +142,7 @@ def test_copy_floor(benchmark, sync, tensors, numel):
     """A plain copy moving tensors * numel * 4 bytes (half read, half written): the bandwidth floor of
     every op that moves that many bytes."""
     nbytes = tensors * numel * 4
-    benchmark.group = f"{GROUP}:copy:{numel}"
-    benchmark.extra_info.update(suite=GROUP, op="copy", impl="copy", tensors=tensors, numel=numel, bytes=nbytes,
-                                dtype="float32", device=str(DEVICE), threads=torch.get_num_threads())
+    record(benchmark, GROUP, "copy", "copy", numel, bytes=nbytes, dtype="float32", tensors=tensors)
     src = torch.randn(nbytes // 8, device=DEVICE)
     dst = torch.empty_like(src)
     _run(benchmark, lambda: dst.copy_(src), sync, nbytes)

@@ -39,7 +39,7 @@ def _raw(cpu_time=0.001):
 def test_summary_ratios_are_within_run():
     rows = bench.summarize(_raw(), "median")
     cpu = next(r for r in rows if r["impl"] == "cpu")
-    assert cpu["vs_eager"] == pytest.approx(10.0)
+    assert cpu["vs_ref"] == pytest.approx(10.0)
     assert cpu["vs_compile"] == pytest.approx(2.0)
     assert cpu["floor"] == pytest.approx(0.8)
     assert cpu["gbps"] == pytest.approx(12 * (1 << 20) / 0.001 / 1e9)
@@ -52,7 +52,7 @@ def test_summary_ratios_are_within_run():
 def test_compare_flags_only_regressions(tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"rows": bench.summarize(_raw(0.001), "median")}))
-    baseline = bench.load_rows(str(base), "median")
+    baseline, _ = bench.load_baseline(str(base), "median")
     # 20 % slower cpu kernel: both its ratios drop by 1/1.2 - 1 = -16.7 %
     lines, bad = bench.compare(bench.summarize(_raw(0.0012), "median"), baseline, fail_over=10)
     assert len(lines) == 4 and len(bad) == 2 and all("cpu" in b for b in bad)
@@ -63,13 +63,55 @@ def test_compare_flags_only_regressions(tmp_path):
     # a raw pytest-benchmark JSON works as a baseline too
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps(_raw(0.001)))
-    assert len(bench.load_rows(str(raw), "median")) == len(baseline)
+    assert len(bench.load_baseline(str(raw), "median")[0]) == len(baseline)
+
+
+def _model_raw(step_seconds, evals=16, floor_seconds=0.09):
+    """A model-level group: per_call units, explicit ref/floor roles, evaluations per image."""
+    def b(impl, seconds, role=None, per_call=4, ev=None):
+        extra = dict(suite="sampling", op="inversion", impl=impl, numel=64, per_call=per_call, role=role)
+        if ev is not None:
+            extra["evals"] = ev
+        return {"name": impl, "extra_info": extra, "stats": {"median": seconds, "min": seconds, "mean": seconds}}
+    return {"machine_info": {}, "benchmarks": [b("unet", 4 * floor_seconds, "floor"), b("slow", 0.8, "ref"),
+                                               b("auto", 4 * step_seconds, ev=evals)]}
+
+
+def test_roles_per_call_and_evals():
+    rows = {r["impl"]: r for r in bench.summarize(_model_raw(0.1), "median")}
+    assert rows["auto"]["time_s"] == pytest.approx(0.1)  # per unit, not per call
+    assert rows["auto"]["vs_ref"] == pytest.approx(2.0)  # against the role="ref" row, not "eager"
+    assert rows["auto"]["floor"] == pytest.approx(0.9)  # against the role="floor" row
+    base = bench.summarize(_model_raw(0.1), "median")
+    _, bad = bench.compare(bench.summarize(_model_raw(0.1, evals=17), "median"), base, fail_over=50)
+    assert len(bad) == 1 and "evals" in bad[0]  # one more network evaluation is a regression at any --fail-over
+    # absolute times: compared only when asked (same machine); the reference rows count there too
+    slower = bench.summarize(_model_raw(0.1, floor_seconds=0.2), "median")
+    assert bench.compare(slower, base, 10, absolute=False)[1] == []
+    _, bad = bench.compare(slower, base, 10, absolute=True)
+    assert len(bad) == 1 and "unet" in bad[0] and " ms " in bad[0]
+
+
+def test_same_machine_needs_every_key():
+    a = {k: "x" for k in bench.MACHINE_KEYS}
+    assert bench.same_machine(a, dict(a))
+    assert not bench.same_machine(a, dict(a, torch_threads=4))
+    assert not bench.same_machine(a, None)
+
+
+def test_committed_baseline_is_loadable():
+    rows, machine = bench.load_baseline(str(REPO / "benchmarks" / "baseline.json"), "median")
+    assert machine["cpu_model"] and machine["torch_threads"] >= 1
+    suites = {r["suite"] for r in rows}
+    assert {"ops", "generator", "sampling", "synthesis", "segmenter", "pipeline"} <= suites
+    assert all(r["vs_ref"] is None or r["vs_ref"] > 0 for r in rows)
 
 
 def test_groups_are_benchmark_files():
     bench_dir = bench.find_bench_dir()
     groups = bench.discover_groups(bench_dir)
-    assert "ops" in groups and groups["ops"].name == "test_bench_ops.py"
+    assert set(groups) == {"ops", "generator", "sampling", "synthesis", "segmenter", "pipeline"}
+    assert groups["ops"].name == "test_bench_ops.py"
     with pytest.raises(UserError, match="unknown benchmark group"):
         bench.select_files(bench_dir, ["nope"])
 
@@ -80,21 +122,47 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_quick_run_end_to_end(tmp_path):
-    """The CI path: `vesselfast bench ops --quick --json` runs the real suite in seconds."""
+def _bench_cli(*argv, env=None, timeout=600):
+    env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "vesselfast", "bench", *argv], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)
+
+
+def test_quick_run_of_every_group(tmp_path):
+    """The CI path: `vesselfast bench --quick --json` runs the whole suite (every group) in seconds."""
     out = tmp_path / "quick.json"
-    env = dict(os.environ, VESSELFAST_BENCH_SIZES="16K")
-    res = subprocess.run([sys.executable, "-m", "vesselfast", "bench", "ops", "--quick", "--json", str(out)],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    res = _bench_cli("--quick", "--json", str(out))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
-    impls = {(r["op"], r["impl"]) for r in data["rows"]}
+    impls = {(r["suite"], r["op"], r["impl"]) for r in data["rows"]}
     for op in ("ddim_step", "ddim_inverse_step", "ddpm_step", "vessel_noise_loss"):
-        assert (op, "eager") in impls and (op, "cpu") in impls
-    assert all(r["floor"] is not None for r in data["rows"])
+        assert {("ops", op, "eager"), ("ops", op, "auto"), ("ops", op, "cpu")} <= impls
+    assert {("generator", "generator_train_step", p) for p in ("fp32", "bf16")} <= impls
+    assert {("sampling", "sampling_step", i) for i in ("unet", "eager", "auto")} <= impls
+    assert {("synthesis", "synthesis", s) for s in ("ddim_latent", "ddim_noise", "ddpm_latent", "ddpm_noise")} <= impls
+    assert {("segmenter", "infer_whole", i) for i in ("eager", "bf16", "ort")} <= impls
+    assert ("pipeline", "pipeline", "tiny") in impls
+    evals = {r["impl"]: r["evals"] for r in data["rows"] if r["suite"] == "synthesis"}
+    assert evals["ddpm_noise"] == 100 and evals["ddim_noise"] == 10  # quick mode: T = 100, 10 DDIM steps
+    assert all(r["floor"] is not None for r in data["rows"] if r["suite"] == "ops")
     assert data["machine"]["torch_threads"] >= 1 and data["machine"]["cpu_model"]
-    assert "x eager" in res.stdout
-    # comparing a run with itself never fails
-    res = subprocess.run([sys.executable, "-m", "vesselfast", "bench", "ops", "--quick", "--compare", str(out),
-                          "--fail-over", "1000"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert "x ref" in res.stdout
+
+
+def test_forced_reference_backend_is_caught(tmp_path):
+    """A deliberately slowed op: VESSELFAST_BACKEND=torch makes the fused ops' default ("auto") run the
+    plain-torch reference; --compare against a normal run must fail on the auto rows' ratios."""
+    base = tmp_path / "base.json"
+    # 1M elements: the fused ops win clearly; 15 rounds: a median that survives a busy CI machine
+    env = {"VESSELFAST_BENCH_SIZES": "1M", "VESSELFAST_BENCH_ROUNDS": "15"}
+    res = _bench_cli("ops", "--quick", "--json", str(base), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    slow = _bench_cli("ops", "--quick", "--compare", str(base), "--fail-over", "30",
+                      env=dict(env, VESSELFAST_BACKEND="torch"))
+    assert slow.returncode == 1, slow.stdout[-3000:] + slow.stderr[-2000:]
+    flagged = [line.split() for line in slow.stdout.splitlines() if "REGRESSION" in line]
+    # each step op's default path lost its speedup over eager (the explicit backends may flag on noise)
+    assert {"ddim_step", "ddim_inverse_step", "ddpm_step"} <= {w[1] for w in flagged if w[3:5] == ["auto", "vs_ref"]}
+    # a normal run against the same baseline passes (generous threshold: quick-mode timings are noisy)
+    ok = _bench_cli("ops", "--quick", "--compare", str(base), "--fail-over", "1000", env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]

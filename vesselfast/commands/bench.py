@@ -142,37 +142,43 @@ def run_pytest(files: List[Path], raw_json: Path, args) -> int:
 # Summary: rows with ratios measured in the same run
 # ------------------------------------------------------------------------------------------------
 def summarize(raw: dict, stat: str = "median") -> List[dict]:
-    """Rows (one per benchmark with op/impl in extra_info) with time, GB/s and the within-run ratios."""
+    """Rows (one per benchmark with op/impl in extra_info) with time per unit, GB/s and the within-run
+    ratios: ``vs_ref`` (reference time / time: the row with role "ref", else impl "eager", of the same
+    suite, op and size), ``vs_compile``, ``floor`` (floor time / time: the row with role "floor", else the
+    copy moving the same bytes)."""
     entries = []
     for b in raw.get("benchmarks", []):
         ex = b.get("extra_info", {})
         if "op" not in ex or "impl" not in ex:
             continue
+        per_call = ex.get("per_call") or 1
         entries.append(dict(suite=ex.get("suite", "?"), op=ex["op"], impl=ex["impl"], numel=ex.get("numel"),
-                            bytes=ex.get("bytes"), time_s=b["stats"][stat], name=b.get("name")))
+                            bytes=ex.get("bytes"), role=ex.get("role"), evals=ex.get("evals"),
+                            time_s=b["stats"][stat] / per_call, name=b.get("name")))
     by_key = {(e["suite"], e["op"], e["numel"], e["impl"]): e for e in entries}
+    by_role = {(e["suite"], e["op"], e["numel"], e["role"]): e for e in entries if e["role"]}
     copies = {(e["suite"], e["bytes"]): e for e in entries if e["op"] == "copy"}
     rows = []
     for e in entries:
         if e["op"] == "copy":
             continue
         row = dict(e)
-        t = e["time_s"]
+        t, key = e["time_s"], (e["suite"], e["op"], e["numel"])
         row["gbps"] = e["bytes"] / t / 1e9 if e["bytes"] and t > 0 else None
-        eager = by_key.get((e["suite"], e["op"], e["numel"], "eager"))
-        comp = by_key.get((e["suite"], e["op"], e["numel"], "compile"))
-        copy = copies.get((e["suite"], e["bytes"]))
-        row["vs_eager"] = eager["time_s"] / t if eager and t > 0 else None
+        ref = by_role.get((*key, "ref")) or by_key.get((*key, "eager"))
+        comp = by_key.get((*key, "compile"))
+        floor = by_role.get((*key, "floor")) or copies.get((e["suite"], e["bytes"]))
+        row["vs_ref"] = ref["time_s"] / t if ref and t > 0 else None
         row["vs_compile"] = comp["time_s"] / t if comp and t > 0 else None
-        row["copy_time_s"] = copy["time_s"] if copy else None
-        row["floor"] = copy["time_s"] / t if copy and t > 0 else None
+        row["floor_time_s"] = floor["time_s"] if floor else None
+        row["floor"] = floor["time_s"] / t if floor and t > 0 else None
         rows.append(row)
-    for e in entries:  # the floors themselves, for reference
+    for e in entries:  # the copy floors themselves, for reference
         if e["op"] == "copy":
-            rows.append(dict(e, gbps=e["bytes"] / e["time_s"] / 1e9 if e["time_s"] > 0 else None, vs_eager=None,
-                             vs_compile=None, copy_time_s=e["time_s"], floor=1.0))
-    order = {"eager": 0, "compile": 1, "torch": 2, "cpu": 3, "cpu-kernel": 4, "triton": 5, "cuda": 6,
-             "cuda-kernel": 7, "copy": 9}
+            rows.append(dict(e, gbps=e["bytes"] / e["time_s"] / 1e9 if e["time_s"] > 0 else None, vs_ref=None,
+                             vs_compile=None, floor_time_s=e["time_s"], floor=1.0))
+    order = {"eager": 0, "fp32": 0, "compile": 1, "torch": 2, "auto": 3, "cpu": 4, "cpu-kernel": 5, "triton": 6,
+             "cuda": 7, "cuda-kernel": 8, "copy": 9}
     rows.sort(key=lambda r: (r["suite"], r["op"] == "copy", r["op"], r["numel"] or 0, r.get("bytes") or 0,
                              order.get(r["impl"], 6), r["impl"]))
     return rows
@@ -192,8 +198,9 @@ def _count(n):
 
 
 def format_table(rows: List[dict], stat: str) -> str:
-    head = (f"{'op':<20} {'N':>5} {'impl':<11} {stat + ' ms':>10} {'GB/s':>7} {'x eager':>8} {'x compile':>9}"
-            f" {'% floor':>8}")
+    """One table; ``size`` is elements for ops, pixels (side) for the model groups."""
+    head = (f"{'suite':<10} {'op':<21} {'size':>5} {'impl':<11} {stat + ' ms':>11} {'GB/s':>6} {'x ref':>6}"
+            f" {'x compile':>9} {'% floor':>7} {'evals':>5}")
     lines = [head, "-" * len(head)]
     prev = None
     for r in rows:
@@ -202,13 +209,15 @@ def format_table(rows: List[dict], stat: str) -> str:
             lines.append("")
         prev = key
         op = r["op"] if r["op"] != "copy" else f"copy ({r['bytes'] // (4 * r['numel'])}N floats)"
-        lines.append(f"{op:<20} {_count(r['numel']):>5} {r['impl']:<11} {r['time_s'] * 1e3:>10.3f}"
-                     f" {_fmt(r['gbps'], '7.1f'):>7} {_fmt(r['vs_eager'], '7.2f'):>8} {_fmt(r['vs_compile'], '8.2f'):>9}"
-                     f" {_fmt(None if r['floor'] is None else 100 * r['floor'], '7.0f'):>8}")
+        lines.append(f"{r['suite']:<10} {op:<21} {_count(r['numel']):>5} {r['impl']:<11} {r['time_s'] * 1e3:>11.3f}"
+                     f" {_fmt(r['gbps'], '6.1f'):>6} {_fmt(r['vs_ref'], '6.2f'):>6} {_fmt(r['vs_compile'], '9.2f'):>9}"
+                     f" {_fmt(None if r['floor'] is None else 100 * r['floor'], '7.0f'):>7}"
+                     f" {_fmt(r.get('evals'), '5d'):>5}")
     return "\n".join(lines)
 
 
-def load_rows(path: str, stat: str) -> List[dict]:
+def load_baseline(path: str, stat: str):
+    """(rows, machine info or None) of a ``--json`` file or a raw pytest-benchmark JSON."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -216,33 +225,49 @@ def load_rows(path: str, stat: str) -> List[dict]:
     except (OSError, ValueError) as exc:
         raise UserError(f"baseline {path} is not readable JSON ({exc})") from None
     if isinstance(data, dict) and "rows" in data:
-        return data["rows"]
+        return data["rows"], data.get("machine")
     if isinstance(data, dict) and "benchmarks" in data:
-        return summarize(data, stat)
+        return summarize(data, stat), data.get("machine_info", {}).get("vesselfast")
     raise UserError(f"baseline {path} is neither a `vesselfast bench --json` file nor a pytest-benchmark JSON")
 
 
-RATIOS = ("vs_eager", "floor")
+RATIOS = ("vs_ref", "floor")
+# What makes two runs "the same machine" for comparing absolute times.
+MACHINE_KEYS = ("cpu_model", "logical_cpus", "torch_threads", "torch", "device", "gpu", "quick")
 
 
-def compare(current: List[dict], baseline: List[dict], fail_over: float):
-    """(lines, regressions): every ratio present in both runs, and those worse by more than fail_over %."""
+def same_machine(a: Optional[dict], b: Optional[dict]) -> bool:
+    return bool(a) and bool(b) and all(a.get(k) == b.get(k) for k in MACHINE_KEYS)
+
+
+def _line(r, what, then, now, change, bad):
+    return (f"{r['suite']:<10} {r['op']:<21} {_count(r['numel']):>5} {r['impl']:<11} {what:<7} {then:9.3g} -> "
+            f"{now:9.3g} ({change:+6.1f}%){'  REGRESSION' if bad else ''}")
+
+
+def compare(current: List[dict], baseline: List[dict], fail_over: float, absolute: bool = False):
+    """(lines, regressions). Always: every within-run ratio present in both runs (worse = lower), and
+    U-Net evaluations per image (worse = more, any increase counts). With ``absolute`` (same machine):
+    the time per unit too (worse = slower)."""
     base = {(r["suite"], r["op"], r["numel"], r["impl"]): r for r in baseline}
     lines, regressions = [], []
     for r in current:
-        if r["op"] == "copy" or r["impl"] == "eager":
-            continue
         b = base.get((r["suite"], r["op"], r["numel"], r["impl"]))
-        if b is None:
+        if b is None or r["op"] == "copy":
             continue
-        for ratio in RATIOS:
-            now, then = r.get(ratio), b.get(ratio)
+        checks = []
+        is_reference = r["impl"] == "eager" or r.get("role") in ("ref", "floor")
+        if not is_reference:
+            checks += [(ratio, b.get(ratio), r.get(ratio), fail_over, True) for ratio in RATIOS]
+        checks.append(("evals", b.get("evals"), r.get("evals"), 0.0, False))
+        if absolute:
+            checks.append(("ms", b["time_s"] * 1e3, r["time_s"] * 1e3, fail_over, False))
+        for what, then, now, limit, higher_is_better in checks:
             if now is None or not then:
                 continue
             change = 100.0 * (now / then - 1.0)
-            bad = change < -fail_over
-            line = (f"{r['op']:<20} {_count(r['numel']):>5} {r['impl']:<11} {ratio:<9} {then:7.2f} -> {now:7.2f}"
-                    f" ({change:+6.1f}%){'  REGRESSION' if bad else ''}")
+            bad = (change < -limit) if higher_is_better else (change > limit)
+            line = _line(r, what, then, now, change, bad)
             lines.append(line)
             if bad:
                 regressions.append(line)
@@ -252,7 +277,7 @@ def compare(current: List[dict], baseline: List[dict], fail_over: float):
 def run(args) -> int:
     if args.fail_over < 0:
         raise UserError("--fail-over must be >= 0 (percent)")
-    baseline = load_rows(args.compare, args.stat) if args.compare else None  # fail early on a bad path
+    baseline, base_machine = load_baseline(args.compare, args.stat) if args.compare else (None, None)
     bench_dir = find_bench_dir(args.bench_dir)
     files = select_files(bench_dir, args.groups)
     try:
@@ -286,8 +311,11 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     if baseline is not None:
-        lines, regressions = compare(rows, baseline, args.fail_over)
-        print(f"\ncompared with {args.compare} (fail over {args.fail_over:g}% worse):")
+        absolute = same_machine(mi, base_machine)
+        lines, regressions = compare(rows, baseline, args.fail_over, absolute)
+        print(f"\ncompared with {args.compare} (fail over {args.fail_over:g}% worse; "
+              + ("same machine: ratios, evaluations and times)" if absolute else
+                 "another machine or set-up: ratios and evaluations only, not times)"))
         print("\n".join(lines) if lines else "  nothing in common to compare")
         if regressions:
             print(f"{len(regressions)} ratio(s) regressed by more than {args.fail_over:g}%", file=sys.stderr)

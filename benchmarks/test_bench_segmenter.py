@@ -1,0 +1,71 @@
+"""Benchmark group ``segmenter``: the segmenter's training step and its inference on OCTA-sized images.
+
+- ``segmenter_train_step``: :func:`vesselfast.pipeline.segmenter.train_segmenter` (BCE + soft Dice, Adam,
+  channels_last) on 64 px crops, batch 8, fp32 (reference) and bf16 autocast; time per step.
+- ``infer_whole`` / ``infer_tiled``: one preprocessed image of 304 px (OCTA-500 3M) or 400 px (6M) through
+  :class:`vesselfast.export.Segmenter`: the whole image in one pass, or sliding windows of 256 px with
+  stride 128 in batches of 8 (what ``vesselfast segment`` runs with the paper preset's tile).
+  ``eager`` = torch fp32 (reference), ``bf16`` = torch with bf16 autocast, ``ort`` = ONNX Runtime fp32 on
+  the exported graph. The default network (16..256 channels, 1.9M parameters), random weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import QUICK, bench_device, record, timed
+from models import CROP, SEG_CHANNELS, images_and_masks, segmenter
+
+from vesselfast.export.segmenter import Segmenter
+from vesselfast.pipeline.segmenter import train_segmenter
+
+GROUP = "segmenter"
+pytestmark = pytest.mark.bench_group(GROUP)
+IMAGE_SIZES = [64] if QUICK else [304, 400]
+TILE, STRIDE = (32, 16) if QUICK else (256, 128)
+STEPS = 1 if QUICK else 4
+ROUNDS = 2 if QUICK else 8
+BATCH = 2 if QUICK else 8
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_segmenter_train_step(benchmark, sync, precision):
+    images, masks = images_and_masks(4 * BATCH, CROP)
+    model = segmenter()
+    record(benchmark, GROUP, "segmenter_train_step", precision, CROP, role="ref" if precision == "fp32" else None,
+           per_call=STEPS, batch=BATCH, channels=list(SEG_CHANNELS))
+    timed(benchmark, lambda: train_segmenter(images, masks, STEPS, BATCH, model=model, precision=precision,
+                                             device=str(bench_device())), sync, ROUNDS)
+
+
+def _segmenter(impl: str) -> Segmenter:
+    """A Segmenter over the default network, as ``Segmenter.load`` builds it for each backend."""
+    from vesselfast.data import preprocessing_spec
+    from vesselfast.export.metadata import segmenter_metadata
+    from vesselfast.export.onnx_export import export_onnx
+    from vesselfast.export.ort_runtime import ort_batch_fn, ort_session
+    from vesselfast.inference import torch_batch_fn
+
+    model = segmenter()
+    meta = {"preprocessing": preprocessing_spec("octa"), "tile": TILE, "stride": STRIDE, "threshold": 0.5}
+    if impl == "ort":
+        proto, meta = export_onnx(model, meta)
+        session, provider = ort_session(proto.SerializeToString(), "cpu")
+        return Segmenter(ort_batch_fn(session), meta, "ort", provider)
+    dev = str(bench_device())
+    fn = torch_batch_fn(model.to(dev), dev, "bf16" if impl == "bf16" else "fp32")
+    return Segmenter(fn, segmenter_metadata(meta, model.channels, 1), "torch", f"torch {dev}")
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+@pytest.mark.parametrize("impl", ["eager", "bf16", "ort"])
+@pytest.mark.parametrize("mode", ["whole", "tiled"])
+def test_segmenter_inference(benchmark, sync, mode, impl, size):
+    if impl == "ort" and bench_device().type != "cpu":
+        pytest.skip("the ORT benchmark runs the CPU provider")
+    seg = _segmenter(impl)
+    image = np.random.default_rng(0).uniform(-1, 1, (size, size)).astype(np.float32)
+    tile, stride = (size, size) if mode == "whole" else (TILE, STRIDE)
+    record(benchmark, GROUP, f"infer_{mode}", impl, size, role="ref" if impl == "eager" else None, per_call=1,
+           tile=tile, stride=stride, batch=BATCH)
+    timed(benchmark, lambda: seg.probabilities(image, tile, stride, BATCH), sync, ROUNDS * 2, warmup=2)
