@@ -41,7 +41,7 @@ def run_training(step_fn: Callable[[int], torch.Tensor], steps: int, state: Dict
     partial = run.partial_path(stage) if run is not None else None
     last_saved: Optional[int] = None
     if partial is not None and dist.broadcast(partial.exists()):  # rank 0's view decides for every rank
-        ck = load_checkpoint(partial, kind=f"{stage}.partial")
+        ck = load_checkpoint(partial, kind=f"{stage}.partial", fix="delete it to restart the stage from step 0")
         for name, obj in state.items():
             obj.load_state_dict(ck["state"][name])
         start = last_saved = int(ck["step"])

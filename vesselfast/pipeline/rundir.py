@@ -19,10 +19,8 @@ import fcntl
 import json
 import logging
 import os
-import pickle
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -93,9 +91,10 @@ def save_checkpoint(path: Path, obj: Dict[str, Any]) -> None:
     atomic_write(path, lambda fh: torch.save({"vesselfast_format": FORMAT_VERSION, **obj}, fh))
 
 
-def load_checkpoint(path: Path, kind: Optional[str] = None) -> Dict[str, Any]:
+def load_checkpoint(path: Path, kind: Optional[str] = None,
+                    fix: str = "use a checkpoint written by vesselfast train") -> Dict[str, Any]:
     """Load a vesselfast checkpoint safely; a missing, truncated, foreign or code-carrying file gives a
-    UserError. ``weights_only=True``: the unpickler only rebuilds tensors and plain containers, so a file
+    UserError ending with ``fix`` (what to do). ``weights_only=True``: the unpickler only rebuilds tensors and plain containers, so a file
     whose pickle would call a function (``__reduce__`` payloads) is refused before anything runs."""
     path = Path(path)
     if not path.is_file():
@@ -104,17 +103,17 @@ def load_checkpoint(path: Path, kind: Optional[str] = None) -> Dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error says enough
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - garbage makes the unpickler fail in many ways (KeyError, ...)
         refused = _refused_global(exc)
         if refused:
             raise UserError(f"{path}: refused to load: the file would run code or build objects other than "
                             f"tensors ({refused}); it is not a vesselfast checkpoint, nothing from it was run")
         raise UserError(f"{path}: not a readable vesselfast checkpoint (truncated or foreign file: "
-                        f"{_first_line(exc)}); delete it to recompute that stage")
+                        f"{_first_sentence(exc)}); {fix}")
     if not isinstance(obj, dict) or "vesselfast_format" not in obj:
-        raise UserError(f"{path}: not a vesselfast checkpoint (no vesselfast_format key)")
+        raise UserError(f"{path}: not a vesselfast checkpoint (no vesselfast_format key); {fix}")
     if kind is not None and obj.get("kind") != kind:
-        raise UserError(f"{path}: holds a {obj.get('kind')!r} checkpoint, expected {kind!r}")
+        raise UserError(f"{path}: holds a {obj.get('kind')!r} checkpoint, expected {kind!r}; {fix}")
     return obj
 
 
@@ -126,9 +125,9 @@ def _refused_global(exc: Exception) -> Optional[str]:
     return None
 
 
-def _first_line(exc: Exception) -> str:
+def _first_sentence(exc: Exception) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:120]
+    return (lines[0].split(". ")[0] if lines else type(exc).__name__)[:160]
 
 
 class RunDir:
@@ -263,7 +262,7 @@ class RunDir:
         if not path.exists() and not self.writer:
             raise UserError(f"{path}: not visible on this node (rank 0 wrote it); the run directory of a "
                             "multi-node run must be on a file system every node sees")
-        return load_checkpoint(path, kind=stage)
+        return load_checkpoint(path, kind=stage, fix="delete it to recompute that stage")
 
     def write_json(self, name: str, obj) -> None:
         if self.writer:
