@@ -15,13 +15,6 @@ from vesselfast.pipeline.run import run_pipeline
 SUMMARY = ("dsc", "dsc_std", "auc", "acc", "ahd", "n_images")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    assert main(["train", "--preset", "tiny", "--out", str(out)]) == 0
-    return out
-
-
 def test_run_directory_holds_everything(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert set(m["target_test"]) == {"baseline", "baseline_histmatch", "iter0", "iter1"}
