@@ -120,12 +120,20 @@ def gather(part: List[T]) -> List[T]:
     return [x for p in parts for x in p]
 
 
+def own_batches(n: int, batch_size: int) -> List[int]:
+    """Start indices of this rank's share of the batches 0, b, 2b, ... < n."""
+    return shard(range(0, n, batch_size))
+
+
+def own_rows(n: int, batch_size: int) -> int:
+    return sum(min(batch_size, n - i) for i in own_batches(n, batch_size))
+
+
 def gather_tensor_batches(compute: Callable[[List[int]], torch.Tensor], n: int, batch_size: int) -> torch.Tensor:
-    """``compute(batch_starts)`` on this rank's share of the batches starting at 0, b, 2b, ... < n; the
-    per-rank results (rows in batch order) concatenated in rank order: the same rows, same batches, as
+    """``compute(batch_starts)`` on this rank's share of the batches (:func:`own_batches`); the per-rank
+    results (rows in batch order) concatenated in rank order: the same rows, same batches, as
     ``compute(all starts)`` in one process."""
-    own = shard(range(0, n, batch_size))
-    parts = gather([compute(own).cpu()])
+    parts = gather([compute(own_batches(n, batch_size)).cpu()])
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

@@ -216,7 +216,7 @@ class Pipeline:
 
         def compute():
             eps_model = EpsModel(self.generator(gen_state), c.generator.precision, self.device)
-            bar, progress = self._bar(len(dist.shard(range(masks.shape[0]))), name)
+            bar, progress = self._bar(dist.own_rows(masks.shape[0], syn.batch_size), name)
 
             def own_batches(batches):
                 return synthesize(eps_model, sampler, masks, latents, self.schedule, c.diffusion.ddim_steps, self.t0,
@@ -274,7 +274,7 @@ class Pipeline:
         # 2. latent similarity mining
         def do_invert():
             eps_model = EpsModel(self.generator(g_s), c.generator.precision, self.device)
-            bar, progress = self._bar(len(dist.shard(range(syn_src.shape[0]))), "invert")
+            bar, progress = self._bar(dist.own_rows(syn_src.shape[0], c.synthesis.batch_size), "invert")
             latents = dist.gather_tensor_batches(
                 lambda batches: invert(eps_model, syn_src, syn_masks, self.schedule, c.diffusion.ddim_steps, self.t0,
                                        c.synthesis.batch_size, c.diffusion.clip, progress, batches=batches),
@@ -368,6 +368,8 @@ def run_pipeline(cfg: RunConfig, out: str) -> Dict:
     data = prepare_data(cfg)
     run = RunDir(out, writer=dist.is_main())
     resuming = dist.run_on_main(lambda: run.open(dump(cfg)))
+    if not run.writer:
+        run.mute_log()
     try:
         from vesselfast import allocator
 

@@ -214,6 +214,12 @@ class RunDir:
             self._lock_fh.close()
             self._lock_fh = None
 
+    def mute_log(self):
+        """Ranks other than 0: the log and the console are rank 0's alone."""
+        h = logging.NullHandler()
+        h._vesselfast_run = True
+        LOG.addHandler(h)
+
     def _setup_log(self):
         LOG.setLevel(logging.INFO)
         fh = logging.FileHandler(self.root / "train.log")
