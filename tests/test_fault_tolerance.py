@@ -21,8 +21,8 @@ from vesselfast.errors import UserError
 from vesselfast.pipeline import rundir
 from vesselfast.pipeline.config import resolve
 from vesselfast.pipeline.loop import NonFiniteLoss, run_training
-from vesselfast.pipeline.rundir import RunDir, atomic_write, load_checkpoint
 from vesselfast.pipeline.run import run_pipeline
+from vesselfast.pipeline.rundir import RunDir, atomic_write, load_checkpoint
 
 TIMEOUT = 180
 

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from vesselfast.data import Sample, builtin_domain, load_domain, preprocessing_spec, random_crops
 from vesselfast.diffusion import NoiseSchedule, t0_index
+from vesselfast.errors import UserError
 from vesselfast.metrics import evaluate_images
 from vesselfast.models import SegmenterUNet, generator_from_dict
-from vesselfast.errors import UserError
 from vesselfast.pipeline import dist, report, testhooks
 from vesselfast.pipeline.baselines import histmatch_crops
 from vesselfast.pipeline.config import RunConfig, dump
