@@ -1,19 +1,22 @@
 """``vesselfast bench [GROUP...] [--quick] [--json OUT] [--compare BASELINE.json] [--fail-over PCT]``.
 
-A thin wrapper over pytest-benchmark. Groups are the files ``benchmarks/test_bench_<GROUP>.py`` (today:
-``ops``); a new group is a new file, nothing to register. The command runs pytest on the selected files
-with ``--benchmark-json``, then prints one table per op and size: time, effective GB/s, speedup over the
-eager reference, over ``torch.compile``, and the fraction of the copy-bandwidth floor reached.
+A thin wrapper over pytest-benchmark. Groups are the files ``benchmarks/test_bench_<GROUP>.py``: ``ops``
+(fused ops vs eager, torch.compile and the copy floor), ``generator`` (training step), ``sampling`` (one
+DDIM step, one inversion), ``synthesis`` (per image per sampler), ``segmenter`` (training step, inference
+with torch/bf16/ONNX Runtime), ``pipeline`` (the tiny preset end to end); a new group is a new file,
+nothing to register. The command runs pytest on the selected files with ``--benchmark-json`` and prints
+one table: time per unit, GB/s where bytes are known, speedup over the reference, over torch.compile,
+fraction of the floor, U-Net evaluations per image.
 
-Contract for a benchmark file (see benchmarks/test_bench_ops.py): each benchmark puts ``suite``, ``op``,
-``impl`` and ``numel`` in ``benchmark.extra_info``, and ``bytes`` when it moves a known number of bytes.
-Within one (suite, op, numel), ``impl == "eager"`` is the reference and ``"compile"`` the torch.compile
-baseline; benchmarks with ``op == "copy"`` and the same ``bytes`` give the floor.
+Contract for a benchmark file (helpers ``record`` and ``timed`` in benchmarks/conftest.py): each
+benchmark puts ``suite``, ``op``, ``impl`` and ``numel`` (the size) in ``benchmark.extra_info``, and
+optionally ``per_call`` (units per timed call), ``role`` ("ref" or "floor"), ``bytes`` and ``evals``.
 
-``--compare BASELINE.json`` (a ``--json`` file of an earlier run, or a raw pytest-benchmark JSON) compares
-ratios measured within each run (speedup over eager, fraction of the floor), which transfer between
-machines and loads far better than absolute times, and exits with 1 when one got worse by more than
-``--fail-over`` percent.
+``--compare BASELINE.json`` (a ``--json`` file of an earlier run, or a raw pytest-benchmark JSON) checks
+the ratios measured within each run (speedup over the reference, fraction of the floor), which transfer
+between machines and loads far better than absolute times, and U-Net evaluations per image; times per
+unit only when the baseline's machine is the same (CPU model, threads, torch, device). It exits with 1
+when anything got worse by more than ``--fail-over`` percent (evaluations: by any amount).
 """
 from __future__ import annotations
 
