@@ -204,3 +204,21 @@ def test_export_errors(checkpoint, tmp_path, capsys):
 def test_metadata_is_plain_json(onnx_file):
     raw = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["vesselfast"]
     assert json.loads(raw)["format"] == "vesselfast-segmenter/1"
+
+
+def test_export_from_run_directory_uses_final_segmenter(tiny_run, tmp_path, capsys):
+    """--run DIR exports the last round's segmenter with the run's window and threshold."""
+    from vesselfast.pipeline.config import resolve
+
+    out = tmp_path / "run.onnx"
+    assert main(["export", "--onnx", "--run", str(tiny_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parity ONNX Runtime" in printed and "wrote" in printed
+    meta = read_onnx_metadata(out)
+    tiny = resolve("tiny").segmenter
+    assert (meta["tile"], meta["stride"], meta["threshold"]) == (tiny.tile, tiny.stride, tiny.threshold)
+    assert meta["channels"] == list(tiny.channels)
+    final = Segmenter.load(str(tiny_run))  # torch, from segmenter_1.pt
+    exported = Segmenter.load(str(out))
+    raw = (np.random.default_rng(2).uniform(0, 255, (70, 70))).astype(np.uint8)
+    assert np.abs(final.predict(raw) - exported.predict(raw)).max() < 1e-5
