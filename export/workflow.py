@@ -10,17 +10,37 @@ from typing import Optional, Sequence
 from vesselfast.errors import UserError
 
 
-def parity_images(paths: Sequence[str], spec, n_builtin: int = 2):
-    """Preprocessed real images for the parity check: the given files (any size), else built-in
-    synthetic OCTA images."""
+def run_target_images(model: str, n: int) -> list:
+    """The first ``n`` target training images of the run directory ``model`` (images only: labels are
+    never listed), or [] when it is not a run directory or trained on the built-in data."""
+    import yaml
+
+    from vesselfast.data import detect_layout
+
+    config = Path(model) / "config.yaml"
+    if not config.is_file():
+        return []
+    target = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("target", "builtin")
+    if not target or target == "builtin" or not Path(target).is_dir():
+        return []
+    return [e.image for e in detect_layout(target).entries("train", labels=False)[:n]]
+
+
+def parity_images(paths: Sequence[str], spec, model: str = "", n_default: int = 2):
+    """Preprocessed real images for the parity check: the given files (any size), else the run's first
+    target training images, else built-in synthetic OCTA images."""
     from vesselfast.data import apply_spec, builtin_domain
     from vesselfast.data.io import read_image
     from vesselfast.segment import expand_inputs
 
     if paths:
-        return [apply_spec(spec, read_image(str(p)))[0] for p in expand_inputs(list(paths))], "given images"
-    samples = builtin_domain("target", "train", n=n_builtin, size=256, seed=7, read_labels=False)
-    return [s.image for s in samples], f"{n_builtin} built-in OCTA images"
+        files, described = expand_inputs(list(paths)), "the given images"
+    else:
+        files, described = run_target_images(model, n_default), f"{n_default} of the run's target images"
+    if files:
+        return [apply_spec(spec, read_image(str(p)))[0] for p in files], described
+    samples = builtin_domain("target", "train", n=n_default, size=256, seed=7, read_labels=False)
+    return [s.image for s in samples], f"{n_default} built-in OCTA images"
 
 
 def check_writable(out: Path) -> None:
@@ -46,7 +66,7 @@ def export_checked(model: str, out: Path, fmt: str, opset: Optional[int] = None,
     if opset is not None and not 14 <= opset <= 23:
         raise UserError(f"--opset {opset}: use 14..23 (default {DEFAULT_OPSET})")
     torch_model, ck_meta = load_torch_segmenter(model)
-    images, described = parity_images(check_images, ck_meta["preprocessing"])  # bad paths fail before the export
+    images, described = parity_images(check_images, ck_meta["preprocessing"], model)  # bad paths fail before the export
     proto, meta = export_onnx(torch_model, ck_meta, opset or DEFAULT_OPSET, fp16)
     inputs = parity_inputs(meta["size_multiple"], images)
     precision = meta["precision"]

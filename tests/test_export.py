@@ -222,3 +222,18 @@ def test_export_from_run_directory_uses_final_segmenter(tiny_run, tmp_path, caps
     exported = Segmenter.load(str(out))
     raw = (np.random.default_rng(2).uniform(0, 255, (70, 70))).astype(np.uint8)
     assert np.abs(final.predict(raw) - exported.predict(raw)).max() < 1e-5
+
+
+def test_parity_uses_the_runs_real_target_images(tiny_run, tmp_path, shared_data, capsys):
+    """A run trained on real OCTA: the parity check takes its first target training images (images only)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "ckpt", run / "ckpt")
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    config["data"]["target"] = str(shared_data / "octa" / "OCTA-500_3M")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["export", "--onnx", "--run", str(run), "--out", str(tmp_path / "seg.onnx")]) == 0
+    assert "2 of the run's target images" in capsys.readouterr().out

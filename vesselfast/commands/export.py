@@ -16,7 +16,8 @@ def add_arguments(p):
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and activations inside")
     p.add_argument("--check-images", nargs="*", default=[], metavar="IMAGE",
-                   help="real images for the parity check (default: two built-in synthetic OCTA images)")
+                   help="real images for the parity check (default: the run's first two target images, "
+                        "else two built-in synthetic OCTA images)")
     p.add_argument("--max-batch", type=int, default=16, help="TensorRT: largest batch of tiles")
     p.add_argument("--max-tile", type=int, default=1024, help="TensorRT: largest tile side")
 
