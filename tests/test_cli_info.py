@@ -13,6 +13,16 @@ def test_info_json_schema(capsys):
     for op in ("ddim_step", "ddim_inverse_step", "ddpm_step", "vessel_noise_loss"):
         assert info["ops"][op]["auto_cpu"] == "cpu"
         assert {"cpu", "torch"} <= set(info["ops"][op]["available"])
+    import onnxruntime
+    assert info["runtimes"]["onnxruntime_providers"] == onnxruntime.get_available_providers()
+    assert "CPUExecutionProvider" in info["runtimes"]["onnxruntime_providers"]
+
+
+def test_closed_pipe_is_not_an_error():
+    """`vesselfast info | true`: the reader is gone before anything is written; no traceback, exit 0."""
+    proc = subprocess.run(f"{sys.executable} -m vesselfast info | true", shell=True, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_info_text_and_python_m(monkeypatch):

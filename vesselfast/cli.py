@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from typing import List, Optional
 
@@ -68,6 +69,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"vesselfast: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `vesselfast info | head`: the reader left early, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is silent
+        return 0
     except KeyboardInterrupt:
         print("vesselfast: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -22,6 +22,16 @@ def _version(module: str):
         return None
 
 
+def _runtimes() -> dict:
+    """Inference runtimes for exported segmenters (vesselfast segment --backend ort|tensorrt)."""
+    try:
+        import onnxruntime
+        providers = onnxruntime.get_available_providers()
+    except Exception:  # not installed or broken: report, do not fail
+        providers = []
+    return {"onnxruntime_providers": providers, "tensorrt": _version("tensorrt")}
+
+
 def collect() -> dict:
     from vesselfast import ops  # registers every op
     from vesselfast.ops.registry import triton_import_error
@@ -40,6 +50,7 @@ def collect() -> dict:
         "extension": {"cpu": mod is not None, "cuda": _ext.cuda_built(), "error": reason or None},
         "triton": {"available": triton_err is None, "error": triton_err},
         "ops": ops.describe(),
+        "runtimes": _runtimes(),
     }
 
 
@@ -53,6 +64,8 @@ def format_text(info: dict) -> str:
         f"extension vesselfast._C: cpu={'built' if ext['cpu'] else 'missing'}"
         f" cuda={'built' if ext['cuda'] else 'not built'}" + (f"  ({ext['error']})" if ext["error"] else ""),
         f"triton: {'available' if info['triton']['available'] else info['triton']['error']}",
+        f"segment runtimes: onnxruntime providers {', '.join(info['runtimes']['onnxruntime_providers']) or 'none'};"
+        f" tensorrt {info['runtimes']['tensorrt'] or 'not installed'}",
         f"allocator for train/eval/segment/bench: {info['allocator']['heavy_commands']}"
         " (install libtcmalloc-minimal4 for tcmalloc; VESSELFAST_ALLOCATOR=system to turn off)",
         "fused ops (auto picks the first available of cuda, triton, cpu, torch for the tensor's device):",
