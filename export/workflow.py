@@ -63,6 +63,8 @@ def export_checked(model: str, out: Path, fmt: str, opset: Optional[int] = None,
     if fmt == "tensorrt":  # fail before the slow part when TensorRT cannot work here
         from vesselfast.export.tensorrt_engine import require_tensorrt
         require_tensorrt()
+    if max_batch < 1 or max_tile < 16:
+        raise UserError(f"--max-batch {max_batch} / --max-tile {max_tile}: use at least 1 and 16")
     if opset is not None and not 14 <= opset <= 23:
         raise UserError(f"--opset {opset}: use 14..23 (default {DEFAULT_OPSET})")
     torch_model, ck_meta = load_torch_segmenter(model)
