@@ -39,22 +39,12 @@ def test_segmenter_train_step(benchmark, sync, precision):
 
 
 def _segmenter(impl: str) -> Segmenter:
-    """A Segmenter over the default network, as ``Segmenter.load`` builds it for each backend."""
+    """A Segmenter over the default network for each backend (ORT: exported in memory)."""
     from vesselfast.data import preprocessing_spec
-    from vesselfast.export.metadata import segmenter_metadata
-    from vesselfast.export.onnx_export import export_onnx
-    from vesselfast.export.ort_runtime import ort_batch_fn, ort_session
-    from vesselfast.inference import torch_batch_fn
 
-    model = segmenter()
     meta = {"preprocessing": preprocessing_spec("octa"), "tile": TILE, "stride": STRIDE, "threshold": 0.5}
-    if impl == "ort":
-        proto, meta = export_onnx(model, meta)
-        session, provider = ort_session(proto.SerializeToString(), "cpu")
-        return Segmenter(ort_batch_fn(session), meta, "ort", provider)
-    dev = str(bench_device())
-    fn = torch_batch_fn(model.to(dev), dev, "bf16" if impl == "bf16" else "fp32")
-    return Segmenter(fn, segmenter_metadata(meta, model.channels, 1), "torch", f"torch {dev}")
+    return Segmenter.from_model(segmenter(), meta, "ort" if impl == "ort" else "torch", str(bench_device()),
+                                precision="bf16" if impl == "bf16" else "fp32")
 
 
 @pytest.mark.parametrize("size", IMAGE_SIZES)

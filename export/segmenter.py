@@ -47,6 +47,8 @@ class Segmenter:
     def load(cls, model: str, backend: str = "auto", device: str = "auto", fp16: bool = False) -> "Segmenter":
         """model: run directory | segmenter checkpoint | .onnx | TensorRT engine (with its .json).
         A checkpoint given to ``ort`` or ``tensorrt`` is exported in memory first."""
+        from vesselfast.export import metadata as M
+
         if backend not in BACKENDS:
             raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
         path = Path(model)
@@ -55,20 +57,47 @@ class Segmenter:
         kind = model_kind(path)
         if backend == "auto":
             backend = {"checkpoint": "torch", "onnx": "ort", "engine": "tensorrt"}[kind]
-        if backend == "torch":
-            return cls._torch(path, kind, device)
+        if backend == "torch" and kind != "checkpoint":
+            raise UserError(f"--model {path}: --backend torch needs a run directory or checkpoint; "
+                            f"run {path.suffix} files with --backend {'ort' if kind == 'onnx' else 'tensorrt'}")
         if backend == "tensorrt":  # before any slow export
             from vesselfast.export.tensorrt_engine import require_tensorrt
             require_tensorrt("--backend tensorrt")
-        if kind == "engine" and backend != "tensorrt":
-            raise UserError(f"--model {model}: a TensorRT engine runs only with --backend tensorrt")
         if kind == "engine":
-            from vesselfast.export import metadata as M
+            if backend != "tensorrt":
+                raise UserError(f"--model {model}: a TensorRT engine runs only with --backend tensorrt")
             from vesselfast.export.tensorrt_engine import tensorrt_batch_fn
 
-            meta = M.read_sidecar(path)
-            return cls(tensorrt_batch_fn(path.read_bytes()), meta, "tensorrt", "TensorRT")
-        onnx_bytes, meta = cls._onnx(path, kind, fp16)
+            return cls(tensorrt_batch_fn(path.read_bytes()), M.read_sidecar(path), "tensorrt", "TensorRT")
+        if kind == "onnx":
+            return cls.from_onnx(path.read_bytes(), M.read_onnx(path), backend, device, fp16)
+        from vesselfast.segment import load_torch_segmenter
+
+        torch_model, meta = load_torch_segmenter(str(path))
+        return cls.from_model(torch_model, meta, backend, device, fp16=fp16)
+
+    @classmethod
+    def from_model(cls, model, meta: Dict, backend: str = "torch", device: str = "auto", precision: str = "fp32",
+                   fp16: bool = False) -> "Segmenter":
+        """A SegmenterUNet with its checkpoint's inference fields (preprocessing, tile, stride, threshold).
+        ``torch`` runs it eagerly (``precision`` fp32 | bf16 autocast); ``ort`` / ``tensorrt`` export it in
+        memory first (``fp16``: half precision inside the exported graph)."""
+        if backend == "torch":
+            from vesselfast.export.metadata import segmenter_metadata
+            from vesselfast.inference import torch_batch_fn
+
+            device = torch_device(device)
+            meta = segmenter_metadata(meta, model.channels, size_multiple=1)  # eager torch takes any size
+            return cls(torch_batch_fn(model.to(device), device, precision), meta, "torch", f"torch {device}")
+        from vesselfast.export.onnx_export import export_onnx
+
+        proto, meta = export_onnx(model, meta, fp16=fp16)
+        return cls.from_onnx(proto.SerializeToString(), meta, backend, device, fp16)
+
+    @classmethod
+    def from_onnx(cls, onnx_bytes: bytes, meta: Dict, backend: str = "ort", device: str = "auto",
+                  fp16: bool = False) -> "Segmenter":
+        """A serialized exported graph with its metadata, in ONNX Runtime or (built now) TensorRT."""
         if backend == "ort":
             from vesselfast.export.ort_runtime import ort_batch_fn, ort_session
 
@@ -77,35 +106,6 @@ class Segmenter:
         from vesselfast.export.tensorrt_engine import build_engine, tensorrt_batch_fn
 
         return cls(tensorrt_batch_fn(build_engine(onnx_bytes, meta, fp16)), meta, "tensorrt", "TensorRT")
-
-    @classmethod
-    def _torch(cls, path: Path, kind: str, device: str) -> "Segmenter":
-        from vesselfast.export.metadata import segmenter_metadata
-        from vesselfast.inference import torch_batch_fn
-        from vesselfast.segment import load_torch_segmenter
-
-        if kind != "checkpoint":
-            raise UserError(f"--model {path}: --backend torch needs a run directory or checkpoint; "
-                            f"run {path.suffix} files with --backend {'ort' if kind == 'onnx' else 'tensorrt'}")
-        device = torch_device(device)
-        model, meta = load_torch_segmenter(str(path))
-        meta = segmenter_metadata(meta, model.channels, model.size_multiple)
-        meta["size_multiple"] = 1  # eager torch takes any size
-        return cls(torch_batch_fn(model.to(device), device), meta, "torch", f"torch {device}")
-
-    @staticmethod
-    def _onnx(path: Path, kind: str, fp16: bool):
-        """(serialized ONNX, metadata): read from an .onnx file or exported from a checkpoint."""
-        from vesselfast.export import metadata as M
-
-        if kind == "onnx":
-            return path.read_bytes(), M.read_onnx(path)
-        from vesselfast.export.onnx_export import export_onnx
-        from vesselfast.segment import load_torch_segmenter
-
-        model, meta = load_torch_segmenter(str(path))
-        proto, meta = export_onnx(model, meta, fp16=fp16)
-        return proto.SerializeToString(), meta
 
     # -- inference --------------------------------------------------------------------------------
     @property
@@ -122,7 +122,8 @@ class Segmenter:
         stride = int(stride or self.meta["stride"])
         m = int(self.meta["size_multiple"])
         if tile < 16 or tile % m:
-            hint = f"; use {max(m, 16 // m * m, tile // m * m)} or {(tile // m + 1) * m}" if m > 1 else ""
+            below, above = tile // m * m, (tile // m + 1) * m
+            hint = "" if m == 1 else f"; use {above}" if below < 16 else f"; use {below} or {above}"
             raise UserError(f"--tile {tile}: this {self.backend} model needs a multiple of {m}, at least 16{hint}")
         if not 1 <= stride <= tile:
             raise UserError(f"--stride {stride}: use 1..tile ({tile})")

@@ -44,7 +44,7 @@ def parity_images(paths: Sequence[str], spec, model: str = "", n_default: int = 
 
 
 def check_writable(out: Path) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent  # Path("seg.onnx").parent is Path(".")
     if not parent.is_dir():
         raise UserError(f"--out {out}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):

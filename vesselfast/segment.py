@@ -98,10 +98,11 @@ def write_outputs(out_dir: Path, name: str, prob: np.ndarray, threshold: float) 
     return written[0], written[1]
 
 
-def segment_files(batch_fn, meta: Dict, inputs: List[str], out: str, tile: int = None, stride: int = None,
-                  batch_size: int = 8, progress: bool = True) -> List[Path]:
-    """Preprocesses each input as the model's metadata says, runs ``batch_fn`` over sliding windows and
-    writes the PNGs. Returns the probability PNG paths."""
+def segment_files(batch_fn, meta: Dict, inputs: List[str], out: str, tile: int, stride: int, batch_size: int = 8,
+                  progress: bool = True) -> List[Path]:
+    """Preprocesses each input as the model's metadata says, runs ``batch_fn`` over sliding windows of
+    ``tile`` with ``stride`` (checked by :meth:`vesselfast.export.Segmenter.window`) and writes the PNGs.
+    Returns the probability PNG paths."""
     from tqdm import tqdm
 
     from vesselfast.data import apply_spec
@@ -112,7 +113,6 @@ def segment_files(batch_fn, meta: Dict, inputs: List[str], out: str, tile: int =
     names = output_names(paths)
     for path in paths:  # an unreadable image fails here, before any output is written
         read_image(str(path))
-    tile, stride = tile or int(meta["tile"]), stride or int(meta["stride"])
     written = []
     for path, name in tqdm(list(zip(paths, names)), desc="segment", disable=not progress or None):
         raw = read_image(str(path))
