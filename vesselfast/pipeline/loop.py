@@ -48,10 +48,13 @@ def run_training(step_fn: Callable[[int], torch.Tensor], steps: int, state: Dict
         _restore_rngs(ck, rng, desc)
         LOG.info(f"{desc}: resuming at step {start}/{steps}")
 
+    def state_dicts():
+        return {n: o.state_dict() for n, o in state.items()}
+
     def save(step):
         rngs = dist.gather([(rng.get_state(), torch.get_rng_state())])  # every rank's, for an exact resume
         run.save_partial(stage, {"kind": f"{stage}.partial", "step": step, "rng": rngs[0][0], "rng_ranks": rngs,
-                                 "world": dist.world(), "state": {n: o.state_dict() for n, o in state.items()}})
+                                 "world": dist.world(), "state": state_dicts()})
 
     def stop(what: str, step: int):
         kept = (f"the last good in-stage checkpoint {partial} (step {last_saved}) is kept" if last_saved is not None
@@ -76,11 +79,11 @@ def run_training(step_fn: Callable[[int], torch.Tensor], steps: int, state: Dict
                 LOG.info(f"{desc}: step {step + 1}/{steps} loss {ema_loss:.4f}")
             if partial is not None and (step + 1) % ckpt_every == 0 and step + 1 < steps:
                 # a finite loss can come with weights the step just made infinite: never save those
-                if not _all_finite({n: o.state_dict() for n, o in state.items()}):
+                if not _all_finite(state_dicts()):
                     stop("the weights became non-finite", step + 1)
                 save(step + 1)
                 last_saved = step + 1
-        if start < steps and not _all_finite({n: o.state_dict() for n, o in state.items()}):
+        if start < steps and not _all_finite(state_dicts()):
             stop("the weights became non-finite", steps)
     finally:
         bar.close()
