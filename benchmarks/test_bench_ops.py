@@ -10,6 +10,10 @@ For each op and size N (float32 elements per tensor, batch 8 with per-sample tim
 - ``cpu-kernel`` / ``cuda-kernel`` (not in quick mode): the compiled op called directly with a
   precomputed coefficient table (steps) or without autograd (loss), to show the public op's fixed cost.
 - ``copy``: ``dst.copy_(src)`` moving the same number of bytes as the op must move (the bandwidth floor).
+Measured the same way as the floor: the step ops write into a preallocated ``out=`` buffer, as the
+sampling loops do, so neither side pays for a fresh allocation. The loss's contract is autograd's (a new
+gradient tensor per call), so every loss row, the eager one included, allocates its gradient; the
+allocator decides what that costs (docs/ALLOCATOR.md).
 Bytes an op must move (float32): ddim_step (eta = 0) and ddim_inverse_step read x, eps and write out (3N*4);
 ddpm_step also reads the noise (4N*4); vessel_noise_loss forward + backward reads eps, eps_hat, w twice
 and writes the gradient (7N*4). ``extra_info`` records op, impl, numel and bytes for ``vesselfast bench``.
@@ -64,18 +68,20 @@ def _step_callable(op, impl, numel):
                 "ddim_inverse_step": lambda: ds.ddim_inverse_coefficients(ab_t, ab_next20),
                 "ddpm_step": lambda: ds.ddpm_coefficients(ab_t, ab_prev1, "fixed_large")}[op]()
         noise = z if op == "ddpm_step" else None
-        return lambda: torch.ops.vesselfast.diffusion_step(x, eps, coef, noise, True, False)[0]
+        out = torch.empty_like(x)
+        return lambda: torch.ops.vesselfast.diffusion_step_out(x, eps, coef, noise, True, out)
+    out = torch.empty_like(x)
     if op == "ddim_step":
         ref = lambda: ops.ddim_step_reference(x, eps, ab_t, ab_prev20)[0]  # noqa: E731
-        fused = lambda b: ops.ddim_step(x, eps, ab_t, ab_prev20, backend=b)  # noqa: E731
+        fused = lambda b: ops.ddim_step(x, eps, ab_t, ab_prev20, backend=b, out=out)  # noqa: E731
         ref_fn, args = ops.ddim_step_reference, (x, eps, ab_t, ab_prev20)
     elif op == "ddim_inverse_step":
         ref = lambda: ops.ddim_inverse_step_reference(x, eps, ab_t, ab_next20)[0]  # noqa: E731
-        fused = lambda b: ops.ddim_inverse_step(x, eps, ab_t, ab_next20, backend=b)  # noqa: E731
+        fused = lambda b: ops.ddim_inverse_step(x, eps, ab_t, ab_next20, backend=b, out=out)  # noqa: E731
         ref_fn, args = ops.ddim_inverse_step_reference, (x, eps, ab_t, ab_next20)
     else:
         ref = lambda: ops.ddpm_step_reference(x, eps, ab_t, ab_prev1, z)[0]  # noqa: E731
-        fused = lambda b: ops.ddpm_step(x, eps, ab_t, ab_prev1, noise=z, backend=b)  # noqa: E731
+        fused = lambda b: ops.ddpm_step(x, eps, ab_t, ab_prev1, noise=z, backend=b, out=out)  # noqa: E731
         ref_fn, args = ops.ddpm_step_reference, (x, eps, ab_t, ab_prev1, z)
     if impl == "eager":
         return ref

@@ -9,6 +9,8 @@ TORCH_LIBRARY(vesselfast, m) {
   // coef: float32 [B, 6] per-sample coefficients. Returns (out, x0); x0 is empty unless need_x0.
   m.def("diffusion_step(Tensor x, Tensor eps, Tensor coef, Tensor? noise, bool clip, bool need_x0)"
         " -> (Tensor, Tensor)");
+  // The same update into a caller's buffer `out` (no x0), which must not overlap x, eps or noise.
+  m.def("diffusion_step_out(Tensor x, Tensor eps, Tensor coef, Tensor? noise, bool clip, Tensor(a!) out) -> ()");
   // Vessel-weighted noise loss, per sample. Returns (loss [B] float32, sum_w [B] float32).
   m.def("vessel_noise_loss_fwd(Tensor eps, Tensor eps_hat, Tensor? w) -> (Tensor, Tensor)");
   // Gradient w.r.t. eps_hat given grad_loss [B] and the sum_w saved by the forward.

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vesselfast.ops.registry import KERNEL_DTYPES
+
 NUM_COEF = 6
 GPU_BLOCK = 2048          # elements per program on a GPU (num_warps=4 -> 16 per thread)
 INTERPRET_BLOCK = 1 << 16  # elements per program under the CPU interpreter
@@ -65,11 +67,8 @@ def pick_block(per_sample: int, device: torch.device, block: Optional[int] = Non
     return GPU_BLOCK
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _check(t: torch.Tensor, ref: torch.Tensor, name: str):
-    if t.dtype not in _DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"vesselfast triton: {name} must be float32, bfloat16 or float16, got {t.dtype}")
     if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
         raise ValueError(f"vesselfast triton: {name} must match x ({tuple(ref.shape)}, {ref.dtype}, {ref.device}),"
@@ -79,8 +78,10 @@ def _check(t: torch.Tensor, ref: torch.Tensor, name: str):
 
 
 def diffusion_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, noise: Optional[torch.Tensor],
-                   clip: bool, need_x0: bool, block: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Generic update; ``coef`` float32 [B, 6]. Returns (out, x0) with x0 empty unless ``need_x0``."""
+                   clip: bool, need_x0: bool, block: Optional[int] = None,
+                   out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generic update; ``coef`` float32 [B, 6]. Returns (out, x0) with x0 empty unless ``need_x0``.
+    ``out``: a contiguous buffer like x to write into (it must not overlap the inputs)."""
     _check(x, x, "x")
     _check(eps, x, "eps")
     if noise is not None:
@@ -90,7 +91,10 @@ def diffusion_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, noise
         raise ValueError(f"vesselfast triton: coef must be float32 [{batch}, {NUM_COEF}] on {x.device}")
     coef = coef.contiguous()
     per_sample = x.numel() // batch if batch else 0
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check(out, x, "out")
     x0 = torch.empty_like(x) if need_x0 else x.new_empty(0)
     if x.numel() == 0:
         return out, x0

@@ -193,3 +193,39 @@ def test_ddpm_sampling_reaches_data_distribution():
     x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = ddpm_sample(fn, s20, x, generator=torch.Generator().manual_seed(1), clip=False)
     assert out.std().item() == pytest.approx(0.2, rel=0.1)
+
+
+@pytest.mark.parametrize("loop", ["ddim_sample", "ddim_invert", "ddpm_sample"])
+def test_loops_write_into_two_buffers_and_match_fresh_outputs(loop, monkeypatch):
+    """Each loop's steps write into two buffers used in turn (no image-sized allocation per step), leave
+    the caller's input untouched, and give exactly what steps into fresh tensors give."""
+    import vesselfast.diffusion.sampling as sampling
+
+    fn = gaussian_eps_fn(0.25)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    x_before = x.clone()
+    s50 = NoiseSchedule.make("linear", 50)
+    run = {"ddim_sample": lambda: ddim_sample(fn, SCHED, x, 10, eta=0.5, generator=torch.Generator().manual_seed(2)),
+           "ddim_invert": lambda: ddim_invert(fn, SCHED, x, 50, 15),
+           "ddpm_sample": lambda: ddpm_sample(fn, s50, x, generator=torch.Generator().manual_seed(2))}[loop]
+    step_name = {"ddim_sample": "ddim_step", "ddim_invert": "ddim_inverse_step", "ddpm_sample": "ddpm_step"}[loop]
+    real = getattr(sampling, step_name)
+    buffers, inputs = [], []
+
+    def recording(x_t, *args, out=None, **kw):
+        buffers.append(out.data_ptr())
+        inputs.append(x_t.data_ptr())
+        return real(x_t, *args, out=out, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(sampling, step_name, recording)
+        got = run()
+    assert len(set(buffers)) == 2 and all(a != b for a, b in zip(buffers, buffers[1:]))
+    assert inputs[0] == x.data_ptr() and inputs[1:] == buffers[:-1]  # each step reads what the last wrote
+    assert torch.equal(x, x_before)
+
+    def fresh(x_t, *args, out=None, **kw):  # the same step into a new tensor
+        return real(x_t, *args, **kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(sampling, step_name, fresh)
+        assert torch.equal(run(), got)

@@ -140,9 +140,9 @@ STEP_CASES = [
 ]
 
 
-def run_step(kind, kw, x, eps, z, t, backend, return_x0=True):
-    """(got, want64, want32): the op through ``backend``, and the reference on the same inputs in float64
-    and in float32 (both as (out, x0))."""
+def run_step(kind, kw, x, eps, z, t, backend, return_x0=True, out=None):
+    """(got, want64, want32): the op through ``backend`` (into ``out`` when given), and the reference on
+    the same inputs in float64 and in float32 (both as (out, x0))."""
     def reference(dt):
         xr, er, zr = x.to(dt), eps.to(dt), z.to(dt)
         if kind == "ddim":
@@ -154,13 +154,13 @@ def run_step(kind, kw, x, eps, z, t, backend, return_x0=True):
 
     if kind == "ddim":
         got = ops.ddim_step(x, eps, abar_at(t), abar_at(t - 20), eta=kw["eta"], noise=z, clip=kw["clip"],
-                            return_x0=return_x0, backend=backend)
+                            return_x0=return_x0, backend=backend, out=out)
     elif kind == "ddim_inverse":
         got = ops.ddim_inverse_step(x, eps, abar_at(t), abar_at((t + 20).clamp(max=999)), clip=kw["clip"],
-                                    return_x0=return_x0, backend=backend)
+                                    return_x0=return_x0, backend=backend, out=out)
     else:
         got = ops.ddpm_step(x, eps, abar_at(t), abar_at(t - 1), noise=z, variance=kw["variance"], clip=kw["clip"],
-                            return_x0=return_x0, backend=backend)
+                            return_x0=return_x0, backend=backend, out=out)
     return got, reference(torch.float64), reference(torch.float32)
 
 
@@ -180,6 +180,39 @@ def test_step_matches_float64_reference(backend, dtype, shape, case):
     assert_close(x0, want_x0, dtype, f"{kind} x0 [{backend}]", r32_x0)
     if kw.get("clip"):
         assert x0.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("case", range(len(STEP_CASES)))
+@pytest.mark.parametrize("return_x0", [False, True], ids=["out", "out+x0"])
+def test_step_into_out_buffer(backend, dtype, case, return_x0):
+    """out=: the result lands in the caller's (NaN-poisoned) buffer, every element written, equal to the
+    float64 reference; the inputs stay as they were."""
+    kind, kw = STEP_CASES[case]
+    gen, x, eps, z = make_inputs((3, 1, 37, 53), dtype, seed=50 + case)
+    t = timesteps(gen, 3)
+    x_before = x.clone()
+    out = torch.empty_like(x)
+    got, (want, want_x0), (r32, r32_x0) = run_step(kind, kw, x, eps, z, t, backend, return_x0=return_x0, out=out)
+    result = got[0] if return_x0 else got
+    assert result.data_ptr() == out.data_ptr()
+    assert_close(out, want, dtype, f"{kind} out= [{backend}]", r32)
+    if return_x0:
+        assert_close(got[1], want_x0, dtype, f"{kind} x0 with out= [{backend}]", r32_x0)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_step_out_must_not_overlap_inputs(backend):
+    _, x, eps, z = make_inputs((2, 1, 8, 8), torch.float32, seed=9)
+    for bad in (x, eps, x[:1], torch.empty(3, 1, 8, 8), torch.empty(2, 1, 8, 8, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out "):
+            ops.ddim_step(x, eps, 0.3, 0.45, backend=backend, out=bad)
+    with pytest.raises(ValueError, match="shares memory"):
+        ops.ddpm_step(x, eps, 0.3, 0.45, noise=z, backend=backend, out=z)
+    if backend == "cpu":  # the compiled op checks too, for callers of torch.ops.vesselfast directly
+        with pytest.raises(RuntimeError, match="shares memory"):
+            torch.ops.vesselfast.diffusion_step_out(x, eps, torch.ones(2, 6), None, True, x)
 
 
 @pytest.mark.parametrize("backend,dtype", [(b, d) for b, d in BACKEND_DTYPES if d != torch.float16],

@@ -12,6 +12,9 @@ def load():
     except ImportError as exc:
         return None, (f"the compiled extension vesselfast._C is not importable ({exc}); "
                       "reinstall without VESSELFAST_NO_EXT, e.g. `pip install -e .`")
+    from vesselfast.ops.library import register
+
+    register()  # fake kernels and autograd of torch.ops.vesselfast.*
     return _C, ""
 
 

@@ -97,33 +97,58 @@ void dispatch_flags(bool clip, bool use_eps, bool noise, bool need_x0, const at:
 #undef VF_CASE
 }
 
-std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(const at::Tensor& x, const at::Tensor& eps,
-                                                      const at::Tensor& coef,
-                                                      const c10::optional<at::Tensor>& noise, bool clip,
-                                                      bool need_x0) {
-  check_float_input(x, "x");
-  check_like(eps, x, "eps");
-  check_coef(coef, x, kNumStepCoef);
-  const bool has_noise = noise.has_value() && noise->defined();
-  if (has_noise) check_like(*noise, x, "noise");
+// Fills `out` (and `x0` when need_x0) from x, eps and the optional noise; every tensor already checked.
+void diffusion_step_into(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                         const at::Tensor* z, bool clip, at::Tensor& out, at::Tensor& x0, bool need_x0) {
   // b == 0 for every sample (DDPM) means eps' is never needed: skip its division entirely.
   const float* cp = coef.data_ptr<float>();
   bool use_eps = false;
   for (int64_t b = 0; b < coef.size(0); ++b) use_eps = use_eps || cp[b * kNumStepCoef + 3] != 0.f;
-  at::Tensor out = at::empty_like(x);
-  at::Tensor x0 = need_x0 ? at::empty_like(x) : at::empty({0}, x.options());
-  const at::Tensor* z = has_noise ? &*noise : nullptr;
+  const bool has_noise = z != nullptr;
   switch (x.scalar_type()) {
     case at::kFloat: dispatch_flags<cpu::F32>(clip, use_eps, has_noise, need_x0, x, eps, z, coef, out, x0); break;
     case at::kBFloat16: dispatch_flags<cpu::BF16>(clip, use_eps, has_noise, need_x0, x, eps, z, coef, out, x0); break;
     case at::kHalf: dispatch_flags<cpu::F16>(clip, use_eps, has_noise, need_x0, x, eps, z, coef, out, x0); break;
     default: TORCH_CHECK(false, "unreachable");
   }
+}
+
+const at::Tensor* check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                                    const c10::optional<at::Tensor>& noise) {
+  check_float_input(x, "x");
+  check_like(eps, x, "eps");
+  check_coef(coef, x, kNumStepCoef);
+  const bool has_noise = noise.has_value() && noise->defined();
+  if (has_noise) check_like(*noise, x, "noise");
+  return has_noise ? &*noise : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(const at::Tensor& x, const at::Tensor& eps,
+                                                      const at::Tensor& coef,
+                                                      const c10::optional<at::Tensor>& noise, bool clip,
+                                                      bool need_x0) {
+  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor x0 = need_x0 ? at::empty_like(x) : at::empty({0}, x.options());
+  diffusion_step_into(x, eps, coef, z, clip, out, x0, need_x0);
   return {out, x0};
+}
+
+// The same update written into a caller's buffer: sampling loops reuse one buffer instead of allocating
+// (and, under glibc malloc, page-faulting in) a fresh output every step.
+void diffusion_step_out_cpu(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                            const c10::optional<at::Tensor>& noise, bool clip, at::Tensor& out) {
+  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  check_out(out, x, {&x, &eps, z});
+  at::Tensor unused;
+  diffusion_step_into(x, eps, coef, z, clip, out, unused, false);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vesselfast, CPU, m) { m.impl("diffusion_step", &diffusion_step_cpu); }
+TORCH_LIBRARY_IMPL(vesselfast, CPU, m) {
+  m.impl("diffusion_step", &diffusion_step_cpu);
+  m.impl("diffusion_step_out", &diffusion_step_out_cpu);
+}
 
 }  // namespace vesselfast

@@ -30,29 +30,47 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "vesselfast: ", what, " kernel launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
-                                                       const at::Tensor& coef, const c10::optional<at::Tensor>& noise,
-                                                       bool clip, bool need_x0) {
+const at::Tensor* check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                                    const c10::optional<at::Tensor>& noise) {
   check_cuda(x, "x");
   check_float_input(x, "x");
   check_like(eps, x, "eps");
   check_coef(coef, x, kNumStepCoef);
   const bool has_noise = noise.has_value() && noise->defined();
   if (has_noise) check_like(*noise, x, "noise");
+  return has_noise ? &*noise : nullptr;
+}
+
+void diffusion_step_into(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef, const at::Tensor* z,
+                         bool clip, at::Tensor& out, void* x0_out) {
   const c10::cuda::CUDAGuard guard(x.device());
   // Unlike the CPU kernel, never skip eps' for DDPM (b == 0): knowing that would need a device->host
   // sync per step (and break CUDA graph capture), while the extra division is free in a memory-bound
   // kernel; b * eps' adds exactly 0 when b == 0 (abar_t < 1, so ce > 0).
   const bool use_eps = true;
-  at::Tensor out = at::empty_like(x);
-  at::Tensor x0 = need_x0 ? at::empty_like(x) : at::empty({0}, x.options());
   const int64_t batch = x.size(0), per_sample = batch ? x.numel() / batch : 0;
-  check_launch(cuda::launch_diffusion_step(x.data_ptr(), eps.data_ptr(), has_noise ? noise->data_ptr() : nullptr,
-                                           coef.data_ptr<float>(), out.data_ptr(), need_x0 ? x0.data_ptr() : nullptr,
-                                           batch, per_sample, to_dtype(x), clip, use_eps,
+  check_launch(cuda::launch_diffusion_step(x.data_ptr(), eps.data_ptr(), z ? z->data_ptr() : nullptr,
+                                           coef.data_ptr<float>(), out.data_ptr(), x0_out, batch, per_sample,
+                                           to_dtype(x), clip, use_eps,
                                            c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "diffusion_step");
+}
+
+std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
+                                                       const at::Tensor& coef, const c10::optional<at::Tensor>& noise,
+                                                       bool clip, bool need_x0) {
+  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor x0 = need_x0 ? at::empty_like(x) : at::empty({0}, x.options());
+  diffusion_step_into(x, eps, coef, z, clip, out, need_x0 ? x0.data_ptr() : nullptr);
   return {out, x0};
+}
+
+void diffusion_step_out_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                             const c10::optional<at::Tensor>& noise, bool clip, at::Tensor& out) {
+  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  check_out(out, x, {&x, &eps, z});
+  diffusion_step_into(x, eps, coef, z, clip, out, nullptr);
 }
 
 void check_loss_inputs(const at::Tensor& eps, const at::Tensor& eps_hat, const c10::optional<at::Tensor>& w) {
@@ -103,6 +121,7 @@ at::Tensor vessel_noise_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(vesselfast, CUDA, m) {
   m.impl("diffusion_step", &diffusion_step_cuda);
+  m.impl("diffusion_step_out", &diffusion_step_out_cuda);
   m.impl("vessel_noise_loss_fwd", &vessel_noise_loss_fwd_cuda);
   m.impl("vessel_noise_loss_bwd", &vessel_noise_loss_bwd_cuda);
 }

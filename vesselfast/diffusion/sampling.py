@@ -5,6 +5,8 @@ The per-step updates are the fused ops of :mod:`vesselfast.ops` (their backend i
 Randomness is injectable: ``noise_fn(step, shape) -> Tensor`` replaces the generator, so two
 implementations can be compared on identical noise. ``progress(done, total)`` is called after each
 network evaluation. Each loop evaluates the network once per step; :func:`num_evals` says how many.
+The updates write into two buffers used in turn (:class:`_Buffers`), so a loop allocates no image-sized
+tensor per step (each fresh one over glibc's mmap threshold would be page-faulted in again).
 """
 from __future__ import annotations
 
@@ -26,6 +28,20 @@ def _noise_source(x: torch.Tensor, generator: Optional[torch.Generator], noise_f
     return lambda i, shape: torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+class _Buffers:
+    """Two output buffers like x for the steps of one loop, used in turn: step i reads the buffer step
+    i - 1 wrote and writes the other (an op's ``out`` may not overlap its input)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.pair = (torch.empty_like(x, memory_format=torch.contiguous_format),
+                     torch.empty_like(x, memory_format=torch.contiguous_format))
+        self.i = 0
+
+    def next(self) -> torch.Tensor:
+        self.i ^= 1
+        return self.pair[self.i]
+
+
 def _t(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
@@ -39,12 +55,13 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, num_ste
     start = len(ts) - 1 if start_index is None else start_index
     levels = ts[: start + 1][::-1]
     draw = _noise_source(x, generator, noise_fn)
+    buffers = _Buffers(x)
     for i, t in enumerate(levels):
         t_prev = levels[i + 1] if i + 1 < len(levels) else -1  # -1: alpha_bar = 1, the clean image
         eps = eps_fn(x, _t(x, t))
         noise = draw(i, x.shape) if eta > 0 else None
         x = ddim_step(x, eps, schedule.alpha_bar(t).item(), schedule.alpha_bar(t_prev).item(), eta=eta,
-                      noise=noise, clip=clip)
+                      noise=noise, clip=clip, out=buffers.next())
         if progress:
             progress(i + 1, len(levels))
     return x
@@ -59,9 +76,11 @@ def ddim_invert(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, num_st
     if not 1 <= t0_steps < len(ts):
         raise ValueError(f"t0_steps must be in [1, {len(ts) - 1}], got {t0_steps}")
     x = x0
+    buffers = _Buffers(x0)
     for i in range(t0_steps):
         eps = eps_fn(x, _t(x, ts[i]))
-        x = ddim_inverse_step(x, eps, schedule.alpha_bar(ts[i]).item(), schedule.alpha_bar(ts[i + 1]).item(), clip=clip)
+        x = ddim_inverse_step(x, eps, schedule.alpha_bar(ts[i]).item(), schedule.alpha_bar(ts[i + 1]).item(),
+                              clip=clip, out=buffers.next())
         if progress:
             progress(i + 1, t0_steps)
     return x
@@ -74,11 +93,12 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t_start
     timestep of the full schedule (t_start + 1 network evaluations); no noise at the last step."""
     t_start = schedule.T - 1 if t_start is None else t_start
     draw = _noise_source(x, generator, noise_fn)
+    buffers = _Buffers(x)
     for i, t in enumerate(range(t_start, -1, -1)):
         eps = eps_fn(x, _t(x, t))
         noise = draw(i, x.shape) if t > 0 else None
         x = ddpm_step(x, eps, schedule.alpha_bar(t).item(), schedule.alpha_bar(t - 1).item(), noise=noise,
-                      variance=variance, clip=clip)
+                      variance=variance, clip=clip, out=buffers.next())
         if progress:
             progress(i + 1, t_start + 1)
     return x

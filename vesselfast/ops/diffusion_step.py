@@ -131,16 +131,21 @@ def ddpm_coefficients(abar_t, abar_prev, variance: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends of the generic kernel: fn(x, eps, coef, noise, clip, need_x0) -> (out, x0 or empty).
-# The three public ops share them; each op's 'torch' backend is its formula-level reference.
+# Backends of the generic kernel: fn(x, eps, coef, noise, clip, need_x0, out) -> (out, x0 or empty).
+# ``out`` (None: allocate) is a caller's buffer that shares no memory with the inputs. The three public
+# ops share these backends; each op's 'torch' backend is its formula-level reference.
 # ----------------------------------------------------------------------------------------------
-def _compiled(x, eps, coef, noise, clip, need_x0):
-    return torch.ops.vesselfast.diffusion_step(x, eps, coef, noise, clip, need_x0)
+def _compiled(x, eps, coef, noise, clip, need_x0, out):
+    if out is None or need_x0:
+        res, x0 = torch.ops.vesselfast.diffusion_step(x, eps, coef, noise, clip, need_x0)
+        return (res, x0) if out is None else (out.copy_(res), x0)
+    torch.ops.vesselfast.diffusion_step_out(x, eps, coef, noise, clip, out)
+    return out, x.new_empty(0)
 
 
-def _triton(x, eps, coef, noise, clip, need_x0):
+def _triton(x, eps, coef, noise, clip, need_x0, out):
     from vesselfast.kernels.diffusion_step import diffusion_step
-    return diffusion_step(x, eps, coef, noise, clip, need_x0)
+    return diffusion_step(x, eps, coef, noise, clip, need_x0, out=out)
 
 
 ddim_step_op = new_op("ddim_step", ddim_step_reference)
@@ -150,15 +155,29 @@ for _op in (ddim_step_op, ddim_inverse_step_op, ddpm_step_op):
     _op.impls.update(cpu=_compiled, cuda=_compiled, triton=_triton)
 
 
-def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend):
+def _check_out(out: torch.Tensor, x: torch.Tensor, *inputs: Optional[torch.Tensor]) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor like x_t ({tuple(x.shape)}, {x.dtype}, {x.device}); "
+                         f"got ({tuple(out.shape)}, {out.dtype}, {out.device}"
+                         f"{'' if out.is_contiguous() else ', non-contiguous'})")
+    for t in inputs:
+        if t is not None and t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError("out shares memory with an input; pass a separate buffer (e.g. torch.empty_like(x_t))")
+
+
+def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend, out=None):
     name = op.pick(x_t.device, backend, x_t.dtype)
+    if out is not None:
+        _check_out(out, x_t, x_t, eps, noise)
     if name == "torch":
-        out, x0 = reference_fn()
+        res, x0 = reference_fn()
+        if out is not None:
+            res = out.copy_(res)
     else:
         x_t, eps = x_t.contiguous(), eps.contiguous()
         noise = None if noise is None else noise.contiguous().to(x_t.dtype)
-        out, x0 = op.impls[name](x_t, eps.to(x_t.dtype), coef_fn(), noise, clip, return_x0)
-    return (out, x0) if return_x0 else out
+        res, x0 = op.impls[name](x_t, eps.to(x_t.dtype), coef_fn(), noise, clip, return_x0, out)
+    return (res, x0) if return_x0 else res
 
 
 _TABLES = {"ddim": ddim_coefficients, "ddim_inverse": lambda a, b, _: ddim_inverse_coefficients(a, b),
@@ -181,29 +200,35 @@ def _coefficients(kind: str, x: torch.Tensor, a: Abar, b: Abar, param) -> torch.
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar_prev: Abar, eta: float = 0.0,
               noise: Optional[torch.Tensor] = None, clip: bool = True, return_x0: bool = False,
-              backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+              backend: str = "auto", out: Optional[torch.Tensor] = None
+              ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """One DDIM step x_t -> x_prev (eta >= 0; pass ``noise`` ~ N(0, I) when eta > 0).
-    Use alpha_bar_prev = 1 for the final step, which then returns the x0 prediction (sigma = 0)."""
+    Use alpha_bar_prev = 1 for the final step, which then returns the x0 prediction (sigma = 0).
+    ``out``: write x_prev into this contiguous buffer like x_t (sharing no memory with the inputs)
+    instead of a new tensor; loops pass two buffers in turn and allocate nothing per step."""
     if eta > 0 and noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise= (a standard normal tensor like x_t)")
     return _run(ddim_step_op, x_t, eps, lambda: _coefficients("ddim", x_t, alpha_bar_t, alpha_bar_prev, float(eta)),
                 lambda: ddim_step_reference(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, noise, clip),
-                noise if eta > 0 else None, clip, return_x0, backend)
+                noise if eta > 0 else None, clip, return_x0, backend, out)
 
 
 def ddim_inverse_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar_next: Abar,
-                      clip: bool = True, return_x0: bool = False, backend: str = "auto"):
-    """One deterministic DDIM inversion step x_t -> x_next, eps evaluated at the current level t."""
+                      clip: bool = True, return_x0: bool = False, backend: str = "auto",
+                      out: Optional[torch.Tensor] = None):
+    """One deterministic DDIM inversion step x_t -> x_next, eps evaluated at the current level t.
+    ``out`` as in :func:`ddim_step`."""
     return _run(ddim_inverse_step_op, x_t, eps,
                 lambda: _coefficients("ddim_inverse", x_t, alpha_bar_t, alpha_bar_next, None),
                 lambda: ddim_inverse_step_reference(x_t, eps, alpha_bar_t, alpha_bar_next, clip),
-                None, clip, return_x0, backend)
+                None, clip, return_x0, backend, out)
 
 
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar_prev: Abar,
               noise: Optional[torch.Tensor] = None, variance: str = "fixed_large", clip: bool = True,
-              return_x0: bool = False, backend: str = "auto"):
-    """One DDPM ancestral step x_t -> x_{t-1} (noise ignored at t = 0, where abar_prev = 1)."""
+              return_x0: bool = False, backend: str = "auto", out: Optional[torch.Tensor] = None):
+    """One DDPM ancestral step x_t -> x_{t-1} (noise ignored at t = 0, where abar_prev = 1).
+    ``out`` as in :func:`ddim_step`."""
     return _run(ddpm_step_op, x_t, eps, lambda: _coefficients("ddpm", x_t, alpha_bar_t, alpha_bar_prev, variance),
                 lambda: ddpm_step_reference(x_t, eps, alpha_bar_t, alpha_bar_prev, noise, variance, clip),
-                noise, clip, return_x0, backend)
+                noise, clip, return_x0, backend, out)

@@ -26,49 +26,31 @@ def vessel_noise_loss_reference(eps: torch.Tensor, eps_hat: torch.Tensor, w: Opt
     return loss
 
 
-def _compiled_fwd(eps, eps_hat, w):
-    return torch.ops.vesselfast.vessel_noise_loss_fwd(eps, eps_hat, w)
+def _compiled(eps, eps_hat, w, backend):
+    """torch.ops.vesselfast.vessel_noise_loss_fwd: autograd and fake kernel registered (ops/library.py)."""
+    return torch.ops.vesselfast.vessel_noise_loss_fwd(eps, eps_hat, w)[0]
 
 
-def _compiled_bwd(grad, eps, eps_hat, w, sum_w):
-    return torch.ops.vesselfast.vessel_noise_loss_bwd(grad, eps, eps_hat, w, sum_w)
-
-
-def _triton_fwd(eps, eps_hat, w):
-    from vesselfast.kernels.vessel_loss import vessel_noise_loss_fwd
-    return vessel_noise_loss_fwd(eps, eps_hat, w)
-
-
-def _triton_bwd(grad, eps, eps_hat, w, sum_w):
-    from vesselfast.kernels.vessel_loss import vessel_noise_loss_bwd
-    return vessel_noise_loss_bwd(grad, eps, eps_hat, w, sum_w)
-
-
-_KERNELS = {"cpu": (_compiled_fwd, _compiled_bwd), "cuda": (_compiled_fwd, _compiled_bwd),
-            "triton": (_triton_fwd, _triton_bwd)}
-
-
-class VesselNoiseLoss(torch.autograd.Function):
-    """Autograd wrapper of a fused (forward, backward) kernel pair; backward recomputes d from the
-    saved inputs instead of storing it (one extra read, no extra activation memory)."""
+class TritonVesselNoiseLoss(torch.autograd.Function):
+    """Autograd of the Triton (forward, backward) kernel pair; backward recomputes d from the saved inputs
+    instead of storing it (one extra read, no extra activation memory), as the compiled kernels do."""
 
     @staticmethod
     def forward(ctx, eps, eps_hat, w, backend):
-        fwd, bwd = _KERNELS[backend]
-        loss, sum_w = fwd(eps, eps_hat, w)
+        from vesselfast.kernels.vessel_loss import vessel_noise_loss_fwd
+        loss, sum_w = vessel_noise_loss_fwd(eps, eps_hat, w)
         ctx.save_for_backward(eps, eps_hat, w, sum_w)
-        ctx.bwd = bwd
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        from vesselfast.kernels.vessel_loss import vessel_noise_loss_bwd
         eps, eps_hat, w, sum_w = ctx.saved_tensors
-        grad_hat = ctx.bwd(grad_loss.float().contiguous(), eps, eps_hat, w, sum_w)
-        return None, grad_hat, None, None
+        return None, vessel_noise_loss_bwd(grad_loss.float().contiguous(), eps, eps_hat, w, sum_w), None, None
 
 
 vessel_noise_loss_op = new_op("vessel_noise_loss", vessel_noise_loss_reference)
-vessel_noise_loss_op.impls.update({name: VesselNoiseLoss.apply for name in _KERNELS})
+vessel_noise_loss_op.impls.update(cpu=_compiled, cuda=_compiled, triton=TritonVesselNoiseLoss.apply)
 
 
 def vessel_noise_loss(eps: torch.Tensor, eps_hat: torch.Tensor, w: Optional[torch.Tensor] = None,

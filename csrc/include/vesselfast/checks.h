@@ -2,6 +2,9 @@
 #pragma once
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <initializer_list>
 
 namespace vesselfast {
 
@@ -29,6 +32,17 @@ inline void check_coef(const at::Tensor& coef, const at::Tensor& x, int64_t ncoe
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.is_contiguous() && coef.dim() == 2 &&
                   coef.size(0) == x.size(0) && coef.size(1) == ncoef && coef.device() == x.device(),
               "vesselfast: coef must be a contiguous float32 [B, ", ncoef, "] tensor on ", x.device());
+}
+
+// `out` of an out= op: like `ref`, and sharing no memory with any input (the kernels read their inputs
+// through restrict pointers while writing `out`).
+inline void check_out(const at::Tensor& out, const at::Tensor& ref, std::initializer_list<const at::Tensor*> inputs) {
+  check_like(out, ref, "out");
+  for (const at::Tensor* in : inputs) {
+    if (in == nullptr) continue;
+    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No,
+                "vesselfast: out shares memory with an input; pass a separate buffer (e.g. torch.empty_like(x))");
+  }
 }
 
 }  // namespace vesselfast
