@@ -27,6 +27,13 @@ from vesselfast.pipeline.rundir import RunDir, atomic_write, load_checkpoint
 TIMEOUT = 180
 
 
+def _as_in_a_terminal():
+    """Ctrl-C reaches a command run in a terminal; a job that a non-interactive shell starts with ``&``
+    inherits SIGINT ignored (POSIX), and Python keeps an inherited SIG_IGN. Pytest itself may be such a
+    job, so the child restores the default: the Ctrl-C test then tests Ctrl-C, however pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train(out, kill_at=None, signal_name="KILL", wait=True):
     """``python -m vesselfast train --preset tiny --out OUT`` in a subprocess, with the thread count of
     the in-process reference run (conftest), so the numbers can be compared bit for bit."""
@@ -35,7 +42,8 @@ def train(out, kill_at=None, signal_name="KILL", wait=True):
     if kill_at:
         env["VESSELFAST_TEST_KILL_AT"] = kill_at
     proc = subprocess.Popen([sys.executable, "-m", "vesselfast", "train", "--preset", "tiny", "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_in_a_terminal)
     if not wait:
         return proc
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -217,3 +225,18 @@ def test_foreign_and_mislabelled_checkpoints(tiny_run, tmp_path):
     (run.ckpt / "invert.pt").write_bytes((tiny_run / "ckpt" / "segmenter_0.pt").read_bytes())
     with pytest.raises(UserError, match="holds a 'segmenter_0' checkpoint, expected 'invert'; delete it to recompute"):
         run.load("invert")
+
+
+def test_kill_point_refuses_an_ignored_signal(monkeypatch):
+    """A process that inherited SIGINT ignored (a job a non-interactive shell started with `&`) would drop
+    the simulated Ctrl-C and finish normally: the hook says so instead of passing silently."""
+    from vesselfast.pipeline import testhooks
+
+    monkeypatch.setenv(testhooks.KILL_AT, "somewhere")
+    monkeypatch.setenv(testhooks.KILL_SIGNAL, "INT")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(RuntimeError, match="SIGINT is ignored in this process"):
+            testhooks.kill_point("somewhere")
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -35,6 +35,12 @@ def kill_point(point: str) -> None:
     if os.environ.get(KILL_AT) == point:
         sig = getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL, "KILL").upper())
         os.environ.pop(KILL_AT)  # once per process (a SIGINT handler may let the process go on)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN:
+            # e.g. SIGINT in a job started with `&` by a non-interactive shell: the signal would be dropped
+            # and the run go on as if the kill point did not exist; say so instead of passing silently.
+            raise RuntimeError(f"{KILL_AT}={point}: {signal.Signals(sig).name} is ignored in this process "
+                               "(inherited SIG_IGN), so the simulated signal cannot arrive; start the process "
+                               "with the signal's default disposition")
         os.kill(os.getpid(), sig)
 
 
