@@ -7,7 +7,7 @@ Environment (``vesselfast bench`` sets these from its options):
 - ``VESSELFAST_BENCH_DEVICE``: ``cpu`` or ``cuda`` (default: cuda when available);
 - ``VESSELFAST_BENCH_COMPILE=0/1``: include ``torch.compile`` baselines (default: on, off in quick mode);
 - ``VESSELFAST_BENCH_ROUNDS``: timed rounds per benchmark, overriding each group's choice.
-The machine (CPU model, threads, load, torch/triton versions, which parts of vesselfast._C were built,
+The machine (CPU model and capability, native BF16 and what precision ``auto`` picks, threads, load, torch/triton versions, which parts of vesselfast._C were built,
 allocator variables, GPU) is recorded in the JSON's ``machine_info['vesselfast']``, with
 ``other_processes_cores``: the cores other processes kept busy during the run (from /proc/stat), since
 on a shared machine that, not the code, can decide a multi-threaded timing.
@@ -15,7 +15,6 @@ on a shared machine that, not the code, can decide a multi-threaded timing.
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import pytest
@@ -62,17 +61,6 @@ def rounds_for(nbytes: int) -> int:
     if QUICK:
         return 3
     return 40 if nbytes <= 64 << 20 else 15
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_busy_seconds():
@@ -129,7 +117,7 @@ def cpu_isa() -> str:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from vesselfast import _ext
+    from vesselfast import _ext, allocator, hardware
     try:
         import triton
         triton_version = triton.__version__
@@ -137,7 +125,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         triton_version = f"unavailable ({type(exc).__name__})"
     mod, reason = _ext.load()
     info = {
-        "cpu_model": cpu_model(),
+        "cpu_model": hardware.cpu_model(),
+        "cpu_capability": hardware.cpu_capability(),
+        "native_bf16": hardware.native_bf16_cpu()[0],
+        "precision_auto": hardware.resolve_precision("auto", bench_device())[0],
         "cpu_isa": cpu_isa(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -150,6 +141,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "device": str(bench_device()),
         "quick": QUICK,
+        "allocator": allocator.current(),
         "allocator_env": {k: os.environ.get(k) for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)},
     }
     machine_info["vesselfast"] = info

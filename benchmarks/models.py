@@ -21,7 +21,7 @@ SEG_CHANNELS = (8, 16, 32) if QUICK else (16, 32, 64, 128, 256)
 CROP = 16 if QUICK else 64
 
 
-def generator(precision: str = "bf16"):
+def generator(precision: str = "auto"):
     return build_generator(dataclasses.replace(GEN_CFG, precision=precision), seed=0).eval()
 
 
@@ -32,6 +32,18 @@ def schedule() -> NoiseSchedule:
 def t0_steps() -> int:
     from vesselfast.diffusion import t0_index
     return t0_index(DIFF_CFG.t0_ratio, DIFF_CFG.ddim_steps)
+
+
+def skip_unless_runs(precision: str) -> None:
+    """bf16 rows run only where the CPU executes bf16 natively: elsewhere it is emulated, 10-20x slower,
+    and not a path vesselfast takes by default (precision auto picks fp32 there)."""
+    import pytest
+
+    from conftest import bench_device
+    from vesselfast.hardware import emulation_warning
+
+    if emulation_warning(bench_device(), {"precision": precision}):
+        pytest.skip("bf16 is emulated on this CPU (precision auto runs fp32 here)")
 
 
 def images_and_masks(n: int, size: int, seed: int = 0):

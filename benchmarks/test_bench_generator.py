@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from conftest import QUICK, bench_device, record, timed
-from models import GEN_CFG, generator, images_and_masks, schedule
+from models import GEN_CFG, generator, images_and_masks, schedule, skip_unless_runs
 
 from vesselfast.pipeline.generative import train_generator
 
@@ -23,6 +23,7 @@ ROUNDS = 2 if QUICK else 5
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_generator_train_step(benchmark, sync, precision, size):
+    skip_unless_runs(precision)
     gcfg = dataclasses.replace(GEN_CFG, precision=precision)
     model = generator(precision).train()
     images, masks = images_and_masks(4 * gcfg.batch_size, size)

@@ -1,5 +1,5 @@
 """Benchmark group ``sampling``: one DDIM sampling step (generator evaluation + update) and the DDIM
-inversion of one image, as the pipeline runs them (:class:`EpsModel`: bf16 autocast, channels_last).
+inversion of one image, as the pipeline runs them (:class:`EpsModel`: precision auto, channels_last).
 
 - ``sampling_step`` (batch 16 crops): ``eager`` = U-Net + the plain-torch step (reference), ``auto`` = U-Net +
   the fused op (default backend), ``unet`` = the network evaluation alone (floor: a step cannot be faster).
@@ -25,7 +25,7 @@ ROUNDS = 3 if QUICK else 15
 
 
 def _eps_model(cond):
-    model = EpsModel(generator(), "bf16", str(bench_device()))
+    model = EpsModel(generator(), "auto", str(bench_device()))
     model.cond = cond
     return model
 

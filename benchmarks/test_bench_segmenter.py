@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, bench_device, record, timed
-from models import CROP, SEG_CHANNELS, images_and_masks, segmenter
+from models import CROP, SEG_CHANNELS, images_and_masks, segmenter, skip_unless_runs
 
 from vesselfast.export.segmenter import Segmenter
 from vesselfast.pipeline.segmenter import train_segmenter
@@ -30,6 +30,7 @@ BATCH = 2 if QUICK else 8
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_segmenter_train_step(benchmark, sync, precision):
+    skip_unless_runs(precision)
     images, masks = images_and_masks(4 * BATCH, CROP)
     model = segmenter()
     record(benchmark, GROUP, "segmenter_train_step", precision, CROP, role="ref" if precision == "fp32" else None,
@@ -53,6 +54,7 @@ def _segmenter(impl: str) -> Segmenter:
 def test_segmenter_inference(benchmark, sync, mode, impl, size):
     if impl == "ort" and bench_device().type != "cpu":
         pytest.skip("the ORT benchmark runs the CPU provider")
+    skip_unless_runs("bf16" if impl == "bf16" else "fp32")
     seg = _segmenter(impl)
     image = np.random.default_rng(0).uniform(-1, 1, (size, size)).astype(np.float32)
     tile, stride = (size, size) if mode == "whole" else (TILE, STRIDE)

@@ -1,6 +1,6 @@
 """Benchmark group ``synthesis``: seconds per synthesised target-style image for each sampler, through
 :func:`vesselfast.pipeline.generative.synthesize` as the co-optimisation rounds call it (quick preset's
-generator, bf16, a batch of crops). ``ddpm_noise`` (the reference code's full DDPM from noise) is the
+generator, precision auto, a batch of crops). ``ddpm_noise`` (the reference code's full DDPM from noise) is the
 reference, so ``x ref`` is each sampler's speedup over it; ``evals`` is U-Net evaluations per image,
 counted by the model wrapper (must not grow)."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ BATCH = 2 if QUICK else 8
 def test_synthesis_per_image(benchmark, sync, sampler):
     dev = str(bench_device())
     images, masks = images_and_masks(BATCH, CROP)
-    eps = EpsModel(generator(), "bf16", dev)
+    eps = EpsModel(generator(), "auto", dev)
     sched, k = schedule(), t0_steps()
     eps.cond = masks.to(dev)
     latents = ddim_invert(eps, sched, images.to(dev), DIFF_CFG.ddim_steps, k).cpu()

@@ -44,9 +44,11 @@ class Segmenter:
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str, backend: str = "auto", device: str = "auto", fp16: bool = False) -> "Segmenter":
+    def load(cls, model: str, backend: str = "auto", device: str = "auto", fp16: bool = False,
+             precision: str = "auto") -> "Segmenter":
         """model: run directory | segmenter checkpoint | .onnx | TensorRT engine (with its .json).
-        A checkpoint given to ``ort`` or ``tensorrt`` is exported in memory first."""
+        A checkpoint given to ``ort`` or ``tensorrt`` is exported in memory first. ``precision`` (torch
+        backend): auto | fp32 | bf16 | fp16, auto being what the device runs natively."""
         from vesselfast.export import metadata as M
 
         if backend not in BACKENDS:
@@ -74,21 +76,24 @@ class Segmenter:
         from vesselfast.segment import load_torch_segmenter
 
         torch_model, meta = load_torch_segmenter(str(path))
-        return cls.from_model(torch_model, meta, backend, device, fp16=fp16)
+        return cls.from_model(torch_model, meta, backend, device, precision=precision, fp16=fp16)
 
     @classmethod
-    def from_model(cls, model, meta: Dict, backend: str = "torch", device: str = "auto", precision: str = "fp32",
+    def from_model(cls, model, meta: Dict, backend: str = "torch", device: str = "auto", precision: str = "auto",
                    fp16: bool = False) -> "Segmenter":
         """A SegmenterUNet with its checkpoint's inference fields (preprocessing, tile, stride, threshold).
-        ``torch`` runs it eagerly (``precision`` fp32 | bf16 autocast); ``ort`` / ``tensorrt`` export it in
-        memory first (``fp16``: half precision inside the exported graph)."""
+        ``torch`` runs it eagerly, channels_last (``precision`` auto | fp32 | bf16 | fp16 autocast);
+        ``ort`` / ``tensorrt`` export it in memory first (``fp16``: half precision inside the graph)."""
         if backend == "torch":
             from vesselfast.export.metadata import segmenter_metadata
             from vesselfast.inference import torch_batch_fn
+            from vesselfast.models.precision import resolved
 
             device = torch_device(device)
+            precision = resolved(device, precision)
             meta = segmenter_metadata(meta, model.channels, size_multiple=1)  # eager torch takes any size
-            return cls(torch_batch_fn(model.to(device), device, precision), meta, "torch", f"torch {device}")
+            return cls(torch_batch_fn(model.to(device), device, precision, channels_last=True), meta, "torch",
+                       f"torch {device} {precision}")
         from vesselfast.export.onnx_export import export_onnx
 
         proto, meta = export_onnx(model, meta, fp16=fp16)

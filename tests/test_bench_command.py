@@ -97,6 +97,9 @@ def test_same_machine_needs_every_key():
     assert bench.same_machine(a, dict(a))
     assert not bench.same_machine(a, dict(a, torch_threads=4))
     assert not bench.same_machine(a, None)
+    # the same model string with another capability (AVX2 vs AVX-512, native BF16 or not) is another machine
+    assert not bench.same_machine(a, dict(a, cpu_capability="AVX2"))
+    assert bench.machine_differences(a, dict(a, native_bf16=not a.get("native_bf16"))) == ["native_bf16"]
 
 
 def test_committed_baseline_is_loadable():

@@ -112,7 +112,8 @@ def test_segment_ort_and_torch_agree_on_octa(onnx_file, checkpoint, tmp_path, sh
     outs = {}
     for backend, model in (("ort", onnx_file), ("torch", checkpoint)):
         outs[backend] = tmp_path / backend
-        argv = ["segment", "--model", str(model), "--backend", backend, "--out", str(outs[backend])]
+        argv = ["segment", "--model", str(model), "--backend", backend, "--out", str(outs[backend]),
+                "--precision", "fp32"]  # ORT runs the fp32 graph: compare with fp32 torch
         assert main(argv + [str(p) for p in images]) == 0
     assert "CPUExecutionProvider" in capsys.readouterr().out
     for img in images:
@@ -129,7 +130,7 @@ def test_segment_ort_and_torch_agree_on_octa(onnx_file, checkpoint, tmp_path, sh
 def test_segmenter_api_ort_equals_torch(onnx_file, checkpoint):
     raw = (np.random.default_rng(1).uniform(0, 255, (100, 90))).astype(np.uint8)
     p_ort = Segmenter.load(str(onnx_file)).predict(raw)
-    p_torch = Segmenter.load(str(checkpoint)).predict(raw)
+    p_torch = Segmenter.load(str(checkpoint), precision="fp32").predict(raw)
     assert p_ort.shape == (100, 90)
     assert np.abs(p_ort - p_torch).max() < 1e-5
     # a checkpoint given to the ort backend is exported in memory
@@ -218,7 +219,7 @@ def test_export_from_run_directory_uses_final_segmenter(tiny_run, tmp_path, caps
     tiny = resolve("tiny").segmenter
     assert (meta["tile"], meta["stride"], meta["threshold"]) == (tiny.tile, tiny.stride, tiny.threshold)
     assert meta["channels"] == list(tiny.channels)
-    final = Segmenter.load(str(tiny_run))  # torch, from segmenter_1.pt
+    final = Segmenter.load(str(tiny_run), precision="fp32")  # torch, from segmenter_1.pt
     exported = Segmenter.load(str(out))
     raw = (np.random.default_rng(2).uniform(0, 255, (70, 70))).astype(np.uint8)
     assert np.abs(final.predict(raw) - exported.predict(raw)).max() < 1e-5

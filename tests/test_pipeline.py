@@ -173,11 +173,21 @@ def test_allocator_reexec_environment(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("VESSELFAST_ALLOCATOR_SET", raising=False)
+    monkeypatch.delenv("VESSELFAST_ALLOCATOR", raising=False)
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(allocator, "find_mimalloc", lambda: None)
     env = allocator.environment()
+    assert allocator.plan() == "glibc-tuned" and "LD_PRELOAD" not in env
     assert "glibc.malloc.mmap_threshold=33554432" in env["GLIBC_TUNABLES"]
+    assert "glibc.malloc.hugetlb=1" in env["GLIBC_TUNABLES"]  # huge pages for what still goes to mmap
+    monkeypatch.setattr(allocator, "find_mimalloc", lambda: "/venv/site-packages/cmeel.prefix/lib/libmimalloc.so.3")
+    env = allocator.environment()
+    assert env["LD_PRELOAD"].endswith("libmimalloc.so.3") and env["MIMALLOC_ALLOW_LARGE_OS_PAGES"] == "1"
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+    assert allocator.plan() == "tcmalloc"  # installed tcmalloc first, then mimalloc, then glibc
     assert allocator.environment()["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+    monkeypatch.setenv("VESSELFAST_ALLOCATOR", "mimalloc")
+    assert allocator.environment()["LD_PRELOAD"].endswith("libmimalloc.so.3")
     monkeypatch.setenv("VESSELFAST_ALLOCATOR", "system")
     assert allocator.environment() is None
 

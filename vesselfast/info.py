@@ -5,14 +5,12 @@ import platform
 
 import torch
 
-from vesselfast import __version__, _ext, allocator
+from vesselfast import __version__, _ext, allocator, hardware
 
 
 def _heavy_allocator() -> str:
-    env = allocator.environment()
-    if env is None:
-        return allocator.current() if allocator.current() != "system" else "system (VESSELFAST_ALLOCATOR=system)"
-    return "tcmalloc" if "LD_PRELOAD" in env and "tcmalloc" in env["LD_PRELOAD"] else "glibc-tuned"
+    choice = allocator.plan()
+    return "system (VESSELFAST_ALLOCATOR=system)" if choice == "system" else choice
 
 
 def _version(module: str):
@@ -45,6 +43,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
+        "hardware": hardware.describe(),
         "allocator": {"this_process": allocator.current(), "heavy_commands": _heavy_allocator()},
         "versions": {m: _version(m) for m in ("numpy", "scipy", "cv2", "onnx", "onnxruntime", "triton")},
         "extension": {"cpu": mod is not None, "cuda": _ext.cuda_built(), "error": reason or None},
@@ -55,19 +54,21 @@ def collect() -> dict:
 
 
 def format_text(info: dict) -> str:
-    ext = info["extension"]
+    ext, hw = info["extension"], info["hardware"]
     lines = [
         f"vesselfast {info['vesselfast']}  python {info['python']}  torch {info['torch']}"
         f" (CUDA {info['torch_cuda'] or 'none'}, GPU {'yes' if info['cuda_available'] else 'no'})"
         f"  threads {info['cpu_threads']}",
         "  " + "  ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()),
+        f"cpu: {hw['cpu_model']}, torch capability {hw['cpu_capability']}, {hw['native_bf16_reason']}"
+        f" -> precision auto = {hw['auto_cpu']} on CPU" + (f", {hw['auto_cuda']} on CUDA" if "auto_cuda" in hw else ""),
         f"extension vesselfast._C: cpu={'built' if ext['cpu'] else 'missing'}"
         f" cuda={'built' if ext['cuda'] else 'not built'}" + (f"  ({ext['error']})" if ext["error"] else ""),
         f"triton: {'available' if info['triton']['available'] else info['triton']['error']}",
         f"segment runtimes: onnxruntime providers {', '.join(info['runtimes']['onnxruntime_providers']) or 'none'};"
         f" tensorrt {info['runtimes']['tensorrt'] or 'not installed'}",
         f"allocator for train/eval/segment/bench: {info['allocator']['heavy_commands']}"
-        " (install libtcmalloc-minimal4 for tcmalloc; VESSELFAST_ALLOCATOR=system to turn off)",
+        " (tcmalloc > mimalloc > glibc-tuned, by what is installed; VESSELFAST_ALLOCATOR=system to turn off)",
         "fused ops (auto picks the first available of cuda, triton, cpu, torch for the tensor's device):",
     ]
     for name, op in info["ops"].items():

@@ -236,11 +236,21 @@ def load_baseline(path: str, stat: str):
 
 RATIOS = ("vs_ref", "floor")
 # What makes two runs "the same machine" for comparing absolute times.
-MACHINE_KEYS = ("cpu_model", "logical_cpus", "torch_threads", "torch", "device", "gpu", "quick")
+# A different CPU capability (AVX2 vs AVX-512, native BF16 or not) is a different machine even when the
+# model string is the same (virtual machines often report a bare "AMD EPYC").
+MACHINE_KEYS = ("cpu_model", "cpu_capability", "native_bf16", "logical_cpus", "torch_threads", "torch", "device",
+                "gpu", "quick")
+
+
+def machine_differences(a: Optional[dict], b: Optional[dict]) -> List[str]:
+    """The MACHINE_KEYS in which two runs' machines differ (all of them when either is unknown)."""
+    if not a or not b:
+        return list(MACHINE_KEYS)
+    return [k for k in MACHINE_KEYS if a.get(k) != b.get(k)]
 
 
 def same_machine(a: Optional[dict], b: Optional[dict]) -> bool:
-    return bool(a) and bool(b) and all(a.get(k) == b.get(k) for k in MACHINE_KEYS)
+    return not machine_differences(a, b)
 
 
 def _line(r, what, then, now, change, bad):
@@ -299,7 +309,9 @@ def run(args) -> int:
     rows = summarize(raw, args.stat)
     mi = raw.get("machine_info", {}).get("vesselfast", {})
     alloc = ", ".join(f"{k}={v}" for k, v in (mi.get("allocator_env") or {}).items()) or "system malloc"
-    print(f"machine: {mi.get('cpu_model')} ({mi.get('cpu_isa')} loops), {mi.get('torch_threads')} threads,"
+    print(f"machine: {mi.get('cpu_model')} (torch {mi.get('cpu_capability')}, native BF16 "
+          f"{'yes' if mi.get('native_bf16') else 'no'}, precision auto = {mi.get('precision_auto')}, "
+          f"{mi.get('cpu_isa')} loops), {mi.get('torch_threads')} threads,"
           f" torch {mi.get('torch')}, device {mi.get('device')}{', GPU ' + mi['gpu'] if mi.get('gpu') else ''},"
           f" {alloc}")
     print(format_table(rows, args.stat))
@@ -314,11 +326,13 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     if baseline is not None:
-        absolute = same_machine(mi, base_machine)
+        differs = machine_differences(mi, base_machine)
+        absolute = not differs
         lines, regressions = compare(rows, baseline, args.fail_over, absolute)
         print(f"\ncompared with {args.compare} (fail over {args.fail_over:g}% worse; "
               + ("same machine: ratios, evaluations and times)" if absolute else
-                 "another machine or set-up: ratios and evaluations only, not times)"))
+                 f"another machine or set-up (differs in {', '.join(differs)}): ratios and evaluations only, "
+                 "not times)"))
         print("\n".join(lines) if lines else "  nothing in common to compare")
         if regressions:
             print(f"{len(regressions)} ratio(s) regressed by more than {args.fail_over:g}%", file=sys.stderr)

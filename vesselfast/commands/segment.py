@@ -16,17 +16,29 @@ def add_arguments(p):
     p.add_argument("--stride", type=int, help="sliding-window stride (default: the model's)")
     p.add_argument("--batch", type=int, default=8, help="tiles per batch (default 8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: a GPU when there is one)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="torch backend: autocast precision (default auto: bf16 where the hardware runs it "
+                        "natively, else fp32 on CPU)")
 
 
 def run(args) -> int:
+    import sys
+    from pathlib import Path
+
     from vesselfast.errors import UserError
-    from vesselfast.export.segmenter import Segmenter
+    from vesselfast.export.segmenter import Segmenter, model_kind, torch_device
+    from vesselfast.hardware import option_precision
     from vesselfast.segment import expand_inputs
 
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: use at least 1")
     expand_inputs(args.inputs)  # bad inputs fail before a model is loaded or exported
-    seg = Segmenter.load(args.model, args.backend, args.device)
+    precision = args.precision
+    if args.backend == "torch" or (args.backend == "auto" and model_kind(Path(args.model)) == "checkpoint"):
+        precision, warning = option_precision(args.precision, torch_device(args.device))
+        if warning:
+            print(f"vesselfast: warning: {warning}", file=sys.stderr)
+    seg = Segmenter.load(args.model, args.backend, args.device, precision=precision)
     seg.window(args.tile, args.stride)
     print(f"vesselfast segment: {seg.describe()}", flush=True)
     written = seg.segment_files(args.inputs, args.out, args.tile, args.stride, args.batch)

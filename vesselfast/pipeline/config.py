@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from vesselfast.errors import UserError
+from vesselfast.hardware import PRECISIONS
 
 SAMPLERS = ("ddim_latent", "ddim_noise", "ddpm_noise", "ddpm_latent")
 
@@ -54,7 +55,9 @@ class GeneratorTrainConfig:
     steps_target: int = 1000   # G_T^0
     steps_round: int = 300     # G_T^k, k >= 1, fine-tuned from G_T^{k-1}
     ema_decay: float = 0.995
-    precision: str = "bf16"    # fp32 | bf16 | fp16 (GPU)
+    # auto | fp32 | bf16 | fp16 (GPU). auto: bf16 where the hardware runs it natively, else fp32 on CPU
+    # (fp16 with gradient scaling on GPUs without bf16); written resolved into the run's config.yaml.
+    precision: str = "auto"
 
 
 @dataclass
@@ -74,7 +77,7 @@ class SegmenterConfig:
     steps_iter0: int = 500
     steps_round: int = 100
     finetune: bool = True          # F^k starts from F^{k-1} (False: fresh)
-    precision: str = "bf16"
+    precision: str = "auto"        # as generator.precision; also the segmenter's inference in the run
     tile: int = 128
     stride: int = 64
     threshold: float = 0.5
@@ -127,10 +130,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "diffusion": {"T": 1000, "ddim_steps": 50, "t0_ratio": 0.3},
         "generator": {"base_channels": 64, "channel_mult": [1, 1, 2, 2, 4, 4], "num_res_blocks": 2,
                       "attention_levels": [4], "lr": 1e-4, "batch_size": 8, "steps_source": 100000,
-                      "steps_target": 100000, "steps_round": 20000, "ema_decay": 0.9999, "precision": "bf16"},
+                      "steps_target": 100000, "steps_round": 20000, "ema_decay": 0.9999},
         "synthesis": {"sampler": "ddpm_noise", "sampler_iter0": "ddpm_latent"},
-        "segmenter": {"steps_iter0": 20000, "steps_round": 5000, "batch_size": 8, "tile": 256, "stride": 128,
-                      "precision": "bf16"},
+        "segmenter": {"steps_iter0": 20000, "steps_round": 5000, "batch_size": 8, "tile": 256, "stride": 128},
     },
 }
 
@@ -221,8 +223,11 @@ def validate(cfg: RunConfig) -> None:
         bad(f"data.channel={cfg.data.channel!r}: choose green or luminance")
     for name in ("generator.precision", "segmenter.precision"):
         sec, key = name.split(".")
-        if getattr(getattr(cfg, sec), key) not in ("fp32", "bf16", "fp16"):
-            bad(f"{name} must be fp32, bf16 or fp16")
+        value = getattr(getattr(cfg, sec), key)
+        if value not in PRECISIONS:
+            bad(f"{name}={value!r}: use auto, fp32, bf16 or fp16")
+        if value == "fp16" and not cfg.device.startswith("cuda"):
+            bad(f"{name}=fp16 needs a GPU (device={cfg.device}); use auto or bf16 on CPU")
     cal = cfg.segmenter.calibrate
     if cal not in ("source", "none"):
         try:
@@ -271,6 +276,38 @@ def resolve(preset: Optional[str] = None, file: Optional[str] = None, sets: Opti
         _merge(cfg, _parse_set(item), "")
     validate(cfg)
     return cfg
+
+
+PRECISION_KEYS = ("generator.precision", "segmenter.precision")
+
+
+def settle_precision(cfg: RunConfig, saved: Optional[Dict[str, Any]] = None) -> Tuple[str, Optional[str]]:
+    """Replaces every precision ``auto`` in ``cfg`` by a concrete one, so config.yaml records what ran:
+    resuming (``saved``: the run directory's config), the precision the run started with, on any
+    machine; else what this machine runs natively (vesselfast.hardware). Returns (a description for the
+    run's first log line, one warning line when bf16 would run emulated on this CPU, else None)."""
+    from vesselfast.hardware import emulation_warning, resolve_precision
+
+    reasons, kept = [], []
+    for name in PRECISION_KEYS:
+        sec, key = name.split(".")
+        section = getattr(cfg, sec)
+        why = "set explicitly"
+        if section.precision == "auto":
+            old = ((saved or {}).get(sec) or {}).get(key)
+            if old in PRECISIONS and old != "auto":
+                section.precision, why = old, "kept from the run's start"
+                kept.append(name)
+            else:
+                section.precision, why = resolve_precision("auto", cfg.device)
+        if why not in reasons:
+            reasons.append(why)
+    text = (f"precision generator {cfg.generator.precision}, segmenter {cfg.segmenter.precision} "
+            f"({'; '.join(reasons)})")
+    warning = emulation_warning(cfg.device, {n: getattr(cfg, n.split('.')[0]).precision for n in PRECISION_KEYS})
+    if warning and kept:
+        warning += f"; this run started elsewhere with {', '.join(kept)} bf16 and keeps it (a new --out would use fp32)"
+    return text, warning
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 
 from vesselfast.data import thick_mask
 from vesselfast.diffusion import NoiseSchedule, ddim_invert, ddim_sample, ddpm_sample, num_evals
-from vesselfast.models import EMA, GeneratorUNet, autocast, generator_from_dict, to_memory_format
+from vesselfast.models import EMA, GeneratorUNet, GradScaling, autocast, generator_from_dict, to_memory_format
 from vesselfast.ops import vessel_noise_loss
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.config import GeneratorTrainConfig
@@ -39,6 +39,7 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
     if ema_init is not None:
         ema.load_state_dict(ema_init)
     opt = torch.optim.AdamW(model.parameters(), lr=gcfg.lr, weight_decay=0.0)
+    scaling = GradScaling(gcfg.precision, device)
     T = schedule.T
 
     def step_fn(step):
@@ -58,20 +59,20 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
             eps_hat = net(x_t, t.to(device), cond)
         loss = vessel_noise_loss(noise, eps_hat.float(), w)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaling.backward_step(loss, opt)
         ema.update(model)
         return loss.detach()
 
-    run_training(step_fn, steps, {"model": model, "ema": ema, "opt": opt}, g, desc, run, stage, ckpt_every)
+    run_training(step_fn, steps, {"model": model, "ema": ema, "opt": opt, **scaling.state()}, g, desc, run, stage,
+                 ckpt_every)
     return ema
 
 
 class EpsModel:
     """eps_fn for the sampling loops: a generator in eval mode, bound to a condition mask, inference in
-    channels_last + autocast (DESIGN.md section 3), counting network evaluations."""
+    channels_last + autocast (models/precision.py), counting network evaluations."""
 
-    def __init__(self, model: GeneratorUNet, precision: str = "bf16", device: str = "cpu"):
+    def __init__(self, model: GeneratorUNet, precision: str = "auto", device: str = "cpu"):
         self.model = to_memory_format(model.to(device).eval(), channels_last=(device == "cpu"))
         self.precision, self.device = precision, device
         self.cond: Optional[torch.Tensor] = None

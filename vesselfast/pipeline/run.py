@@ -34,7 +34,7 @@ from vesselfast.metrics import evaluate_images
 from vesselfast.models import SegmenterUNet, generator_from_dict
 from vesselfast.pipeline import dist, report, testhooks
 from vesselfast.pipeline.baselines import histmatch_crops
-from vesselfast.pipeline.config import RunConfig, dump
+from vesselfast.pipeline.config import RunConfig, dump, settle_precision
 from vesselfast.pipeline.generative import EpsModel, build_generator, evals_per_image, invert, synthesize, train_generator
 from vesselfast.pipeline.rundir import LOG, RunDir
 from vesselfast.pipeline.segmenter import predict_probs, train_segmenter
@@ -199,7 +199,7 @@ class Pipeline:
         uncalibrated F^0 marked 28% of pixels as vessel (capillaries included) and every round's
         pseudo-labels taught the next generator the same (docs/PIPELINE.md)."""
         s = self.cfg.segmenter
-        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device),
+        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision),
                                 [t.image for t in self.data.target_train], f"calibrate {name}")
         p = np.clip(np.concatenate([q.ravel() for q in probs]).astype(np.float64), 1e-7, 1 - 1e-7)
         logits = np.log(p) - np.log1p(-p)
@@ -234,7 +234,8 @@ class Pipeline:
     def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str) -> List[np.ndarray]:
         s = self.cfg.segmenter
         model = self.segmenter(seg_state)
-        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device), images, desc)
+        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision), images,
+                               desc)
 
     def evaluate_on(self, seg_state: Dict, test: List[Sample], desc: str):
         """(summary with per-image metrics, probability maps) of a segmenter on labelled test samples."""
@@ -338,8 +339,10 @@ def metric_key(stage: str) -> str:
     return "iter" + stage.split("_")[1] if stage.startswith("segmenter_") else stage
 
 
-def evaluate_run(run_dir: str, target_test: Optional[str] = None) -> Dict[str, Dict]:
-    """Re-evaluates every saved segmenter of a run on a target test set (the run's, or ``target_test``)."""
+def evaluate_run(run_dir: str, target_test: Optional[str] = None, precision: str = "auto") -> Dict[str, Dict]:
+    """Re-evaluates every saved segmenter of a run on a target test set (the run's, or ``target_test``),
+    with inference in ``precision`` (auto: what this machine runs natively)."""
+    from vesselfast.hardware import option_precision
     from vesselfast.pipeline.config import from_dict
     import yaml
 
@@ -350,6 +353,9 @@ def evaluate_run(run_dir: str, target_test: Optional[str] = None) -> Dict[str, D
     cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
     if target_test:
         cfg.data.target_test = target_test
+    cfg.segmenter.precision, warning = option_precision(precision, dist.device(cfg.device))
+    if warning:
+        LOG.warning(warning)
     pipe = Pipeline(cfg, run)
     test = load_samples([cfg.data.target_test or cfg.data.target], "target", "test", True, cfg, cfg.seed)
     out = {}
@@ -367,6 +373,7 @@ def run_pipeline(cfg: RunConfig, out: str) -> Dict:
     dist.per_rank_batch(cfg.segmenter.batch_size, "segmenter.batch_size")
     data = prepare_data(cfg)
     run = RunDir(out, writer=dist.is_main())
+    precision, precision_warning = settle_precision(cfg, dist.broadcast(run.saved_config()))
     resuming = dist.run_on_main(lambda: run.open(dump(cfg)))
     if not run.writer:
         run.mute_log()
@@ -376,7 +383,9 @@ def run_pipeline(cfg: RunConfig, out: str) -> Dict:
         where = f", {dist.world()} processes ({'nccl' if cfg.device.startswith('cuda') else 'gloo'})" \
             if dist.is_distributed() else ""
         LOG.info(f"{'resuming' if resuming else 'starting'} run in {out} (preset {cfg.preset}, device {cfg.device}"
-                 f"{where}, allocator {allocator.current()})")
+                 f"{where}, allocator {allocator.current()}, {precision})")
+        if precision_warning:
+            LOG.warning(precision_warning)
         LOG.info(describe(data, cfg))
         return Pipeline(cfg, run, data).run_all()
     finally:

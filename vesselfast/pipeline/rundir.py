@@ -142,6 +142,17 @@ class RunDir:
         self._lock_fh = None
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def saved_config(self) -> Optional[Dict[str, Any]]:
+        """The config a run in this directory started with (None when there is none, or it is unreadable:
+        :meth:`open` then says what is wrong)."""
+        import yaml
+
+        try:
+            saved = yaml.safe_load((self.root / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return saved if isinstance(saved, dict) else None
+
     def open(self, config_text: str) -> bool:
         """Create or re-open the run directory for ``config_text``; returns True when resuming.
         Refuses a directory that holds a different config or is locked by another run. When it fails,

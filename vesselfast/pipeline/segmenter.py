@@ -9,7 +9,7 @@ import torch
 
 from vesselfast.inference import sliding_window_probs, torch_batch_fn
 from vesselfast.losses import bce_soft_dice_loss
-from vesselfast.models import SegmenterUNet, autocast, to_memory_format
+from vesselfast.models import GradScaling, SegmenterUNet, autocast, to_memory_format
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.loop import run_training
 
@@ -26,7 +26,7 @@ def augment(g: torch.Generator, *tensors: torch.Tensor):
 
 
 def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch_size: int = 8, lr: float = 1e-3,
-                    seed: int = 0, device: str = "cpu", precision: str = "bf16", channels_last: bool = True,
+                    seed: int = 0, device: str = "cpu", precision: str = "auto", channels_last: bool = True,
                     model: Optional[SegmenterUNet] = None, channels: Sequence[int] = (16, 32, 64, 128, 256),
                     run=None, stage: Optional[str] = None, ckpt_every: int = 200, desc: str = "segmenter") -> SegmenterUNet:
     """images [N, 1, h, w] float32 in [-1, 1], masks [N, 1, h, w] {0,1}: crops already cut.
@@ -45,6 +45,7 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
     net = dist.wrap(model, device)  # the model itself in one process
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / max(1, steps)) ** 0.9)
+    scaling = GradScaling(precision, device)
 
     def step_fn(step):
         idx = torch.randint(0, images.shape[0], (local_batch,), generator=g)
@@ -54,17 +55,17 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
             logits = net(x)
         loss = bce_soft_dice_loss(logits, y.to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaling.backward_step(loss, opt)
         sched.step()
         return loss.detach()
 
-    run_training(step_fn, steps, {"model": model, "opt": opt, "sched": sched}, g, desc, run, stage, ckpt_every)
+    run_training(step_fn, steps, {"model": model, "opt": opt, "sched": sched, **scaling.state()}, g, desc, run, stage,
+                 ckpt_every)
     dist.sync_buffers(model)
     return model.eval()
 
 
 def predict_probs(model: SegmenterUNet, image: np.ndarray, tile: int = 256, stride: int = 128, device: str = "cpu",
-                  precision: str = "fp32") -> np.ndarray:
-    """Vessel probability map [H, W] of one preprocessed image [H, W] (sliding window)."""
-    return sliding_window_probs(torch_batch_fn(model, device, precision), image, tile, stride)
+                  precision: str = "auto") -> np.ndarray:
+    """Vessel probability map [H, W] of one preprocessed image [H, W] (sliding window, channels_last)."""
+    return sliding_window_probs(torch_batch_fn(model, device, precision, channels_last=True), image, tile, stride)
