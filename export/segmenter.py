@@ -73,9 +73,9 @@ class Segmenter:
             return cls(tensorrt_batch_fn(path.read_bytes()), M.read_sidecar(path), "tensorrt", "TensorRT")
         if kind == "onnx":
             return cls.from_onnx(path.read_bytes(), M.read_onnx(path), backend, device, fp16)
-        from vesselfast.segment import load_torch_segmenter
+        from vesselfast.checkpoint import load_segmenter
 
-        torch_model, meta = load_torch_segmenter(str(path))
+        torch_model, meta = load_segmenter(str(path))
         return cls.from_model(torch_model, meta, backend, device, precision=precision, fp16=fp16)
 
     @classmethod
@@ -155,7 +155,7 @@ class Segmenter:
     def segment_files(self, inputs: List[str], out: str, tile: Optional[int] = None, stride: Optional[int] = None,
                       batch_size: int = 8, progress: bool = True) -> List[Path]:
         """Files, folders or globs -> ``<out>/<name>_prob.png`` and ``_mask.png``; returns the prob paths."""
-        from vesselfast.segment import segment_files
+        from vesselfast.export.files import segment_files
 
         tile, stride = self.window(tile, stride)
         return segment_files(self.batch_fn, self.meta, inputs, out, tile, stride, batch_size, progress)

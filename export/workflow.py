@@ -31,7 +31,7 @@ def parity_images(paths: Sequence[str], spec, model: str = "", n_default: int = 
     target training images, else built-in synthetic OCTA images."""
     from vesselfast.data import apply_spec, builtin_domain
     from vesselfast.data.io import read_image
-    from vesselfast.segment import expand_inputs
+    from vesselfast.export.files import expand_inputs
 
     if paths:
         files, described = expand_inputs(list(paths)), "the given images"
@@ -56,8 +56,7 @@ def export_checked(model: str, out: Path, fmt: str, opset: Optional[int] = None,
     """Returns a short report (what was written, parity numbers)."""
     from vesselfast.export.onnx_export import DEFAULT_OPSET, PARITY, check_parity, export_onnx, parity_inputs
     from vesselfast.export.ort_runtime import ort_batch_fn, ort_session
-    from vesselfast.pipeline.rundir import atomic_write
-    from vesselfast.segment import load_torch_segmenter
+    from vesselfast.checkpoint import atomic_write, load_segmenter
 
     check_writable(out)
     if fmt == "tensorrt":  # fail before the slow part when TensorRT cannot work here
@@ -67,7 +66,7 @@ def export_checked(model: str, out: Path, fmt: str, opset: Optional[int] = None,
         raise UserError(f"--max-batch {max_batch} / --max-tile {max_tile}: use at least 1 and 16")
     if opset is not None and not 14 <= opset <= 23:
         raise UserError(f"--opset {opset}: use 14..23 (default {DEFAULT_OPSET})")
-    torch_model, ck_meta = load_torch_segmenter(model)
+    torch_model, ck_meta = load_segmenter(model)
     images, described = parity_images(check_images, ck_meta["preprocessing"], model)  # bad paths fail before the export
     proto, meta = export_onnx(torch_model, ck_meta, opset or DEFAULT_OPSET, fp16)
     inputs = parity_inputs(meta["size_multiple"], images)

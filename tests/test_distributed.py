@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vesselfast.pipeline import dist
-from vesselfast.pipeline.testhooks import state_hash
+from vesselfast.testhooks import state_hash
 
 TIMEOUT = 300
 TRAINED_OR_COMPUTED = ("pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "baseline",
@@ -43,7 +43,7 @@ def torchrun(args, env_extra=None):
 
 @pytest.mark.slow
 def test_two_processes_train_tiny_with_identical_ranks(tmp_path, tiny_run):
-    from vesselfast.pipeline.rundir import load_checkpoint
+    from vesselfast.checkpoint import load_checkpoint
 
     out, hashes = tmp_path / "run", tmp_path / "hashes"
     proc = torchrun(["-m", "vesselfast", "train", "--preset", "tiny", "--out", str(out)],

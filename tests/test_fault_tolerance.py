@@ -3,7 +3,7 @@ ends with exactly the metrics of the uninterrupted run (the session's ``tiny_run
 concurrent run, disk full in the middle of a run, NaN/Inf losses, atomic writes, and safe loading.
 
 Crashes are deterministic: ``VESSELFAST_TEST_KILL_AT=POINT`` makes the process signal itself when it
-reaches POINT (vesselfast/pipeline/testhooks.py lists the points)."""
+reaches POINT (vesselfast/testhooks.py lists the points)."""
 import errno
 import json
 import os
@@ -18,11 +18,12 @@ import torch
 
 from vesselfast.cli import main
 from vesselfast.errors import UserError
-from vesselfast.pipeline import rundir
+from vesselfast import checkpoint
 from vesselfast.pipeline.config import resolve
 from vesselfast.pipeline.loop import NonFiniteLoss, run_training
 from vesselfast.pipeline.run import run_pipeline
-from vesselfast.pipeline.rundir import RunDir, atomic_write, load_checkpoint
+from vesselfast.checkpoint import atomic_write, load_checkpoint
+from vesselfast.pipeline.rundir import RunDir
 
 TIMEOUT = 180
 
@@ -113,7 +114,7 @@ def test_disk_full_in_a_stage_then_resume(tiny_run, tmp_path, monkeypatch):
     """ENOSPC while the inversion's checkpoint is written: one clear error naming that file, no partial
     or temp file, earlier stages intact; after space is freed the re-run ends like the uninterrupted run."""
     out = tmp_path / "run"
-    real_save = rundir.torch.save
+    real_save = checkpoint.torch.save
 
     def save_until_full(obj, fh):
         if obj.get("kind") == "invert":
@@ -123,7 +124,7 @@ def test_disk_full_in_a_stage_then_resume(tiny_run, tmp_path, monkeypatch):
 
     cfg = resolve("tiny")
     with monkeypatch.context() as mp:
-        mp.setattr(rundir.torch, "save", save_until_full)
+        mp.setattr(checkpoint.torch, "save", save_until_full)
         with pytest.raises(UserError) as exc:
             run_pipeline(cfg, str(out))
     assert str(exc.value) == (f"{out / 'ckpt' / 'invert.pt'}: cannot write (No space left on device); the disk "
@@ -184,7 +185,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, half_then_fail, "w")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-    assert target.stat().st_mode & 0o044 == 0o044 & ~rundir._UMASK  # group/others may read results
+    assert target.stat().st_mode & 0o044 == 0o044 & ~checkpoint._UMASK  # group/others may read results
 
 
 class RunsCode:
@@ -230,7 +231,7 @@ def test_foreign_and_mislabelled_checkpoints(tiny_run, tmp_path):
 def test_kill_point_refuses_an_ignored_signal(monkeypatch):
     """A process that inherited SIGINT ignored (a job a non-interactive shell started with `&`) would drop
     the simulated Ctrl-C and finish normally: the hook says so instead of passing silently."""
-    from vesselfast.pipeline import testhooks
+    from vesselfast import testhooks
 
     monkeypatch.setenv(testhooks.KILL_AT, "somewhere")
     monkeypatch.setenv(testhooks.KILL_SIGNAL, "INT")

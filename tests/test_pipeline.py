@@ -9,7 +9,8 @@ from vesselfast.cli import main
 from vesselfast.errors import UserError
 from vesselfast.pipeline import generative, segmenter
 from vesselfast.pipeline.config import resolve
-from vesselfast.pipeline.rundir import RunDir, load_checkpoint
+from vesselfast.checkpoint import load_checkpoint
+from vesselfast.pipeline.rundir import RunDir
 from vesselfast.pipeline.run import run_pipeline
 
 SUMMARY = ("dsc", "dsc_std", "auc", "acc", "ahd", "n_images")

@@ -28,7 +28,7 @@ def run(args) -> int:
     from vesselfast.errors import UserError
     from vesselfast.export.segmenter import Segmenter, model_kind, torch_device
     from vesselfast.hardware import option_precision
-    from vesselfast.segment import expand_inputs
+    from vesselfast.export.files import expand_inputs
 
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: use at least 1")

@@ -11,6 +11,9 @@ def add_arguments(p):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (a plain re-run into the same directory does the same)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. rounds=2")
+    p.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                   help="take every stage whose identity (the config it reads and the stages it consumes) is "
+                        "unchanged from this finished run instead of recomputing it (repeatable)")
     p.add_argument("--device", help="cpu | cuda")
 
 
@@ -48,7 +51,7 @@ def run(args) -> int:
     dist.init_from_env(cfg.device)  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
     main_rank = dist.is_main()
     try:
-        metrics = run_pipeline(cfg, args.out)
+        metrics = run_pipeline(cfg, args.out, args.reuse)
     finally:
         dist.shutdown()
     if main_rank:

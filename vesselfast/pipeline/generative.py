@@ -7,20 +7,25 @@ from typing import List, Optional, Sequence
 import torch
 
 from vesselfast.data import thick_mask
+from vesselfast.data.augment import augment
 from vesselfast.diffusion import NoiseSchedule, ddim_invert, ddim_sample, ddpm_sample, num_evals
 from vesselfast.models import EMA, GeneratorUNet, GradScaling, autocast, generator_from_dict, to_memory_format
 from vesselfast.ops import vessel_noise_loss
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.config import GeneratorTrainConfig
 from vesselfast.pipeline.loop import run_training
-from vesselfast.pipeline.segmenter import augment
+
+
+def generator_arch(gcfg: GeneratorTrainConfig) -> dict:
+    """The architecture part of the generator config, as saved with every generator stage."""
+    return {"base_channels": gcfg.base_channels, "channel_mult": list(gcfg.channel_mult),
+            "num_res_blocks": gcfg.num_res_blocks, "attention_levels": list(gcfg.attention_levels),
+            "dropout": gcfg.dropout}
 
 
 def build_generator(gcfg: GeneratorTrainConfig, seed: int) -> GeneratorUNet:
     torch.manual_seed(seed)
-    return generator_from_dict({"base_channels": gcfg.base_channels, "channel_mult": gcfg.channel_mult,
-                                "num_res_blocks": gcfg.num_res_blocks, "attention_levels": gcfg.attention_levels,
-                                "dropout": gcfg.dropout})
+    return generator_from_dict(generator_arch(gcfg))
 
 
 def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[torch.Tensor], steps: int,

@@ -11,8 +11,10 @@ import torch
 from tqdm import tqdm
 
 from vesselfast.errors import UserError
-from vesselfast.pipeline import dist, testhooks
-from vesselfast.pipeline.rundir import LOG, RunDir, load_checkpoint
+from vesselfast import testhooks
+from vesselfast.checkpoint import load_checkpoint
+from vesselfast.pipeline import dist
+from vesselfast.pipeline.rundir import LOG, RunDir
 
 
 class NonFiniteLoss(UserError):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,13 +31,33 @@ from vesselfast.data import Sample, builtin_domain, load_domain, preprocessing_s
 from vesselfast.diffusion import NoiseSchedule, t0_index
 from vesselfast.errors import UserError
 from vesselfast.metrics import evaluate_images
+from vesselfast import testhooks
+from vesselfast.checkpoint import segmenter_from_state
 from vesselfast.models import SegmenterUNet, generator_from_dict
-from vesselfast.pipeline import dist, report, testhooks
+from vesselfast.pipeline import dist, report
 from vesselfast.pipeline.baselines import histmatch_crops
-from vesselfast.pipeline.config import RunConfig, dump, settle_precision
-from vesselfast.pipeline.generative import EpsModel, build_generator, evals_per_image, invert, synthesize, train_generator
+from vesselfast.pipeline.config import RunConfig, dump, settle_precision, to_dict
+from vesselfast.pipeline.generative import (EpsModel, build_generator, evals_per_image, generator_arch, invert,
+                                            synthesize, train_generator)
+from vesselfast.pipeline.identity import stage_identity
 from vesselfast.pipeline.rundir import LOG, RunDir
+from vesselfast.pipeline.seeds import stream_seed
 from vesselfast.pipeline.segmenter import predict_probs, train_segmenter
+
+# What each kind of stage reads from the config (its identity, see identity.py). Keys that only the
+# evaluation reads (data.target_test, data.builtin_test_n) or that change no result (rounds, ckpt_every,
+# baselines, device) are in none of them.
+DATA_READS = ("data.source", "data.target", "data.channel", "data.clahe", "data.source_scale", "data.crop",
+              "data.pool", "data.builtin_n", "data.builtin_size")
+GENERATOR_READS = ("generator.base_channels", "generator.channel_mult", "generator.num_res_blocks",
+                   "generator.attention_levels", "generator.dropout", "generator.lr", "generator.batch_size",
+                   "generator.ema_decay", "generator.precision", "diffusion.T", "diffusion.schedule")
+SAMPLING_READS = ("diffusion.T", "diffusion.schedule", "diffusion.ddim_steps", "diffusion.t0_ratio", "diffusion.clip",
+                  "synthesis.batch_size", "synthesis.eta", "synthesis.ddim_steps", "generator.precision",
+                  "data.synth_crops")
+SEGMENTER_READS = ("segmenter.channels", "segmenter.lr", "segmenter.batch_size", "segmenter.precision",
+                   "segmenter.tile", "segmenter.stride", "segmenter.threshold", "data.clahe")
+CALIBRATION_READS = ("segmenter.calibrate",)
 
 
 @dataclass
@@ -78,8 +98,10 @@ def prepare_data(cfg: RunConfig) -> Data:
         raise AssertionError("target training labels were read")  # load_domain must never do this
     check_crop(source_train, d.crop, f"source ({', '.join(d.source)})")
     check_crop(target_train, d.crop, f"target ({d.target})")
-    src_images, src_masks, _ = random_crops(source_train, d.pool, d.crop, np.random.default_rng(cfg.seed + 1))
-    tgt_images, _, _ = random_crops(target_train, d.pool, d.crop, np.random.default_rng(cfg.seed + 2))
+    src_images, src_masks, _ = random_crops(source_train, d.pool, d.crop,
+                                            np.random.default_rng(stream_seed(cfg.seed, "source_crops")))
+    tgt_images, _, _ = random_crops(target_train, d.pool, d.crop,
+                                    np.random.default_rng(stream_seed(cfg.seed, "target_crops")))
     return Data(source_train, target_train, target_test, torch.as_tensor(src_images), torch.as_tensor(src_masks),
                 torch.as_tensor(tgt_images))
 
@@ -90,8 +112,10 @@ def describe(data: Data, cfg: RunConfig) -> str:
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, run: RunDir, data: Optional[Data] = None):
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: RunConfig, run: RunDir, data: Optional[Data] = None, reuse: Sequence[RunDir] = ()):
+        self.cfg, self.run, self.reuse = cfg, run, list(reuse)
+        self.cfg_dict = to_dict(cfg)
+        self.identities: Dict[str, str] = {"data": stage_identity("data", self.cfg_dict, DATA_READS, {})}
         self.device = dist.device(cfg.device)
         self.schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
         self.t0 = t0_index(cfg.diffusion.t0_ratio, cfg.diffusion.ddim_steps)
@@ -100,10 +124,26 @@ class Pipeline:
         self.metrics: Dict[str, Dict] = dist.broadcast(dict(report.load_metrics(run).get("target_test", {})))
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def stage(self, name: str, compute: Callable[[], Dict]) -> Dict:
-        """Result of a stage: loaded when finished before, else computed, saved and marked done.
+    def seed(self, name: str) -> int:
+        """Seed of a stage's (or other consumer's) random stream: from the run seed and the name (seeds.py)."""
+        return stream_seed(self.cfg.seed, name)
+
+    def stage(self, name: str, compute: Callable[[], Dict], reads: Sequence[str] = (),
+              inputs: Sequence[str] = ("data",)) -> Dict:
+        """Result of a stage: loaded when finished before in this run directory, else taken from a
+        ``--reuse`` directory that finished a stage of the same identity (the config values ``reads`` and
+        the identities of the stages ``inputs``), else computed, saved and marked done.
         ``compute`` returns the tensors to keep plus an optional "_info" dict for stages.json."""
-        if dist.broadcast(self.run.is_done(name)):  # rank 0's view decides, for every rank
+        identity = stage_identity(name, self.cfg_dict, reads, {n: self.identities[n] for n in inputs})
+        self.identities[name] = identity
+        if dist.broadcast(self.run.is_done(name, identity)):  # rank 0's view decides, for every rank
+            result = self.run.load(name)
+            testhooks.record_state(name, result)
+            return result
+        reused = dist.run_on_main(lambda: self._adopt(name, identity))
+        dist.barrier()
+        if reused:
+            LOG.info(f"stage {name}: reused from {reused} (same identity {identity})")
             result = self.run.load(name)
             testhooks.record_state(name, result)
             return result
@@ -113,11 +153,19 @@ class Pipeline:
         result = compute()
         info = result.pop("_info", {})
         seconds = time.perf_counter() - t
-        self.run.finish(name, result, {"seconds": round(seconds, 2), **info})  # rank 0 only
+        self.run.finish(name, result, {"seconds": round(seconds, 2), "identity": identity, **info})  # rank 0 only
         dist.barrier()  # the stage's files exist before any rank goes on
         LOG.info(f"stage {name}: done in {seconds:.1f} s")
         testhooks.record_state(name, result)
         return result
+
+    def _adopt(self, name: str, identity: str) -> Optional[str]:
+        for other in self.reuse:
+            other_stage = other.find(identity)
+            if other_stage is not None:
+                self.run.adopt(name, other, other_stage)
+                return str(other.root)
+        return None
 
     def generator(self, state: Dict):
         model = generator_from_dict(state["arch"])
@@ -125,14 +173,7 @@ class Pipeline:
         return model
 
     def segmenter(self, state: Dict) -> SegmenterUNet:
-        model = SegmenterUNet(1, state["channels"])
-        model.load_state_dict(state["model"])
-        return model.eval()
-
-    def _gen_arch(self):
-        g = self.cfg.generator
-        return {"base_channels": g.base_channels, "channel_mult": list(g.channel_mult), "num_res_blocks": g.num_res_blocks,
-                "attention_levels": list(g.attention_levels), "dropout": g.dropout}
+        return segmenter_from_state(state)
 
     def inference_meta(self) -> Dict:
         """What a saved segmenter needs to be used on its own (vesselfast segment, export)."""
@@ -156,21 +197,29 @@ class Pipeline:
         return dist.gather(out)
 
     # -- stages -----------------------------------------------------------------------------------
-    def train_generator_stage(self, name: str, images, masks, steps: int, seed: int, init: Optional[Dict] = None):
+    def train_generator_stage(self, name: str, images, masks, steps_key: str, inputs: Sequence[str],
+                              init: Optional[Dict] = None):
+        """A generator stage: trained from scratch, or fine-tuned from ``init`` (the stage ``inputs[-1]``)."""
+        g, seed = self.cfg.generator, self.seed(name)
+        steps = getattr(g, steps_key)
+
         def compute():
-            model = build_generator(self.cfg.generator, seed)
+            model = build_generator(g, seed)
             if init is not None:
                 model.load_state_dict(init["model"])
-            ema = train_generator(model, images, masks, steps, self.cfg.generator, self.schedule, seed, self.device,
+            ema = train_generator(model, images, masks, steps, g, self.schedule, seed, self.device,
                                   self.run, name, self.cfg.ckpt_every, desc=name,
                                   ema_init=None if init is None else init["ema"])
-            return {"arch": self._gen_arch(), "model": model.state_dict(), "ema": ema.state_dict(),
+            return {"arch": generator_arch(g), "model": model.state_dict(), "ema": ema.state_dict(),
                     "_info": {"steps": steps}}
-        return self.stage(name, compute)
+        return self.stage(name, compute, GENERATOR_READS + (f"generator.{steps_key}",), inputs)
 
-    def train_segmenter_stage(self, name: str, images, masks, steps: int, seed: int, init: Optional[Dict] = None,
-                              calibrate: bool = False):
-        s = self.cfg.segmenter
+    def train_segmenter_stage(self, name: str, images, masks, steps_key: str, inputs: Sequence[str],
+                              init: Optional[Dict] = None, calibrate: bool = False, reads: Sequence[str] = ()):
+        """A segmenter stage on crops ``images`` / ``masks`` (made from the stages ``inputs``), fine-tuned
+        from ``init`` when given; ``calibrate``: the label-free output calibration afterwards."""
+        s, seed = self.cfg.segmenter, self.seed(name)
+        steps = getattr(s, steps_key)
 
         def compute():
             model = self.segmenter(init) if init is not None else None
@@ -182,7 +231,8 @@ class Pipeline:
             if prior is not None:
                 info.update(self.calibrate(model, prior, name))
             return {"channels": list(s.channels), "model": model.state_dict(), **self.inference_meta(), "_info": info}
-        return self.stage(name, compute)
+        reads = SEGMENTER_READS + (f"segmenter.{steps_key}",) + tuple(reads) + (CALIBRATION_READS if calibrate else ())
+        return self.stage(name, compute, reads, inputs)
 
     def vessel_prior(self) -> Optional[float]:
         """Expected vessel fraction for calibration, from the config or the source masks (no target label)."""
@@ -210,8 +260,10 @@ class Pipeline:
         LOG.info(f"{name}: calibrated to vessel fraction {prior:.4f} (was {before:.4f}); logit shift {shift:+.3f}")
         return {"calibration_prior": round(prior, 5), "fraction_before": round(before, 5), "logit_shift": round(shift, 4)}
 
-    def synthesize_stage(self, name: str, gen_state: Dict, sampler: str, latents, conditional: bool, seed: int):
-        c, syn = self.cfg, self.cfg.synthesis
+    def synthesize_stage(self, name: str, gen_state: Dict, sampler_key: str, latents, conditional: bool,
+                         inputs: Sequence[str]):
+        c, syn, seed = self.cfg, self.cfg.synthesis, self.seed(name)
+        sampler = getattr(syn, sampler_key)
         masks = self.data.src_masks[: c.data.synth_crops]
 
         def compute():
@@ -229,7 +281,7 @@ class Pipeline:
             assert evals == per_image * masks.shape[0]
             return {"images": images, "_info": {"sampler": sampler, "unet_evals_per_image": per_image,
                                                 "unet_evals": evals}}
-        return self.stage(name, compute)
+        return self.stage(name, compute, SAMPLING_READS + (f"synthesis.{sampler_key}",), inputs)
 
     def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str) -> List[np.ndarray]:
         s = self.cfg.segmenter
@@ -261,7 +313,7 @@ class Pipeline:
 
     # -- the method -------------------------------------------------------------------------------
     def run_all(self) -> Dict:
-        c, seed = self.cfg, self.cfg.seed
+        c = self.cfg
         if self.data is None:
             self.data = prepare_data(c)
         d = self.data
@@ -269,8 +321,8 @@ class Pipeline:
         syn_src = d.src_images[: c.data.synth_crops]
 
         # 1. generators
-        g_s = self.train_generator_stage("pretrain_source", d.src_images, d.src_masks, c.generator.steps_source, seed + 10)
-        g_t = self.train_generator_stage("pretrain_target", d.tgt_images, None, c.generator.steps_target, seed + 20)
+        g_s = self.train_generator_stage("pretrain_source", d.src_images, d.src_masks, "steps_source", ("data",))
+        g_t = self.train_generator_stage("pretrain_target", d.tgt_images, None, "steps_target", ("data",))
 
         # 2. latent similarity mining
         def do_invert():
@@ -283,42 +335,46 @@ class Pipeline:
             bar.close()
             return {"latents": latents, "_info": {"t0_steps": self.t0, "unet_evals_per_image": self.t0,
                                                   "unet_evals": dist.total(eps_model.evals)}}
-        latents = self.stage("invert", do_invert)["latents"]
+        latents = self.stage("invert", do_invert, SAMPLING_READS, ("data", "pretrain_source"))["latents"]
 
         # 3.-4. iter 0
-        synth = self.synthesize_stage("synthesize_0", g_t, c.synthesis.sampler_iter0, latents, False, seed + 30)
-        f = self.train_segmenter_stage("segmenter_0", synth["images"], syn_masks, c.segmenter.steps_iter0, seed + 40,
-                                       calibrate=True)
+        synth = self.synthesize_stage("synthesize_0", g_t, "sampler_iter0", latents, False,
+                                      ("data", "pretrain_target", "invert"))
+        f = self.train_segmenter_stage("segmenter_0", synth["images"], syn_masks, "steps_iter0",
+                                       ("data", "synthesize_0"), calibrate=True)
         if self.run.writer:
             report.save_round_grid(self.run, 0, syn_src, latents, synth["images"], syn_masks, None, None)
         self.evaluate("iter0", f)
 
         # baselines (same segmenter budget as F^0)
         if c.baselines:
-            b = self.train_segmenter_stage("baseline", d.src_images, d.src_masks, c.segmenter.steps_iter0, seed + 40)
+            b = self.train_segmenter_stage("baseline", d.src_images, d.src_masks, "steps_iter0", ("data",))
             self.evaluate("baseline", b)
-            matched = histmatch_crops(d.src_images, [s.image for s in d.target_train], seed + 50)
-            b = self.train_segmenter_stage("baseline_histmatch", matched, d.src_masks, c.segmenter.steps_iter0, seed + 40)
+            matched = histmatch_crops(d.src_images, [s.image for s in d.target_train], self.seed("histmatch"))
+            b = self.train_segmenter_stage("baseline_histmatch", matched, d.src_masks, "steps_iter0", ("data",))
             self.evaluate("baseline_histmatch", b)
 
         # 5. co-optimisation rounds
+        g_name, f_name = "pretrain_target", "segmenter_0"
         for k in range(1, c.rounds + 1):
-            f_prev = f
-
-            def pseudo_label(f_prev=f_prev, k=k):
+            def pseudo_label(f_prev=f, name=f"pseudo_label_{k}"):
                 probs = self.predict(f_prev, [s.image for s in d.target_train], f"pseudo-label {k}")
                 labels = [(p >= c.segmenter.threshold).astype(np.uint8) for p in probs]
                 crops, masks, _ = random_crops(
                     [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(d.target_train, labels)],
-                    c.data.pool, c.data.crop, np.random.default_rng(seed + 100 + k))
+                    c.data.pool, c.data.crop, np.random.default_rng(self.seed(name)))
                 return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks),
                         "_info": {"vessel_fraction": float(np.mean([lab.mean() for lab in labels]))}}
-            pseudo = self.stage(f"pseudo_label_{k}", pseudo_label)
-            g_t = self.train_generator_stage(f"target_generator_{k}", pseudo["images"], pseudo["masks"],
-                                             c.generator.steps_round, seed + 200 + k, init=g_t)
-            synth = self.synthesize_stage(f"synthesize_{k}", g_t, c.synthesis.sampler, latents, True, seed + 300 + k)
-            f = self.train_segmenter_stage(f"segmenter_{k}", synth["images"], syn_masks, c.segmenter.steps_round,
-                                           seed + 400 + k, init=f if c.segmenter.finetune else None, calibrate=True)
+            pseudo = self.stage(f"pseudo_label_{k}", pseudo_label, SEGMENTER_READS, ("data", f_name))
+            g_t = self.train_generator_stage(f"target_generator_{k}", pseudo["images"], pseudo["masks"], "steps_round",
+                                             (f"pseudo_label_{k}", g_name), init=g_t)
+            synth = self.synthesize_stage(f"synthesize_{k}", g_t, "sampler", latents, True,
+                                          ("data", f"target_generator_{k}", "invert"))
+            finetune = c.segmenter.finetune
+            f = self.train_segmenter_stage(f"segmenter_{k}", synth["images"], syn_masks, "steps_round",
+                                           ("data", f"synthesize_{k}") + ((f_name,) if finetune else ()),
+                                           init=f if finetune else None, calibrate=True, reads=("segmenter.finetune",))
+            g_name, f_name = f"target_generator_{k}", f"segmenter_{k}"
             if self.run.writer:
                 report.save_round_grid(self.run, k, syn_src, latents, synth["images"], syn_masks, pseudo["images"],
                                        pseudo["masks"])
@@ -365,12 +421,27 @@ def evaluate_run(run_dir: str, target_test: Optional[str] = None, precision: str
     return out
 
 
-def run_pipeline(cfg: RunConfig, out: str) -> Dict:
-    """Runs (or resumes) the method into ``out``; returns the target-test metrics per stage.
+def open_reuse(paths: Sequence[str], out: str) -> List[RunDir]:
+    """Run directories to take finished stages from (read-only); each must hold a vesselfast run."""
+    dirs = []
+    for p in paths:
+        other = RunDir(p, writer=False)
+        if not (other.root / "stages.json").is_file():
+            raise UserError(f"--reuse {p}: no stages.json there; point it at a run directory made by vesselfast train")
+        if other.root.resolve() == RunDir(out).root.resolve():
+            raise UserError(f"--reuse {p}: is the run directory itself (--out); a re-run resumes it anyway")
+        dirs.append(other)
+    return dirs
+
+
+def run_pipeline(cfg: RunConfig, out: str, reuse: Sequence[str] = ()) -> Dict:
+    """Runs (or resumes) the method into ``out``; returns the target-test metrics per stage. Stages
+    finished with the same identity in a ``reuse`` run directory are taken from there.
     Everything that can be refused (options, data, batch split) is checked before the run directory
     is touched, so bad input leaves nothing behind."""
     dist.per_rank_batch(cfg.generator.batch_size, "generator.batch_size")
     dist.per_rank_batch(cfg.segmenter.batch_size, "segmenter.batch_size")
+    reuse_dirs = open_reuse(reuse, out)
     data = prepare_data(cfg)
     run = RunDir(out, writer=dist.is_main())
     precision, precision_warning = settle_precision(cfg, dist.broadcast(run.saved_config()))
@@ -387,6 +458,8 @@ def run_pipeline(cfg: RunConfig, out: str) -> Dict:
         if precision_warning:
             LOG.warning(precision_warning)
         LOG.info(describe(data, cfg))
-        return Pipeline(cfg, run, data).run_all()
+        if reuse_dirs:
+            LOG.info(f"reusing finished stages of the same identity from {', '.join(str(r.root) for r in reuse_dirs)}")
+        return Pipeline(cfg, run, data, reuse_dirs).run_all()
     finally:
         run.close()

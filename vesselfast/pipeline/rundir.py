@@ -9,126 +9,22 @@ Layout::
     DIR/stages.json            finished stages with wall time and U-Net evaluations
     DIR/metrics.json|csv, DIR/pictures/*.png, DIR/metrics.png, DIR/report.md
 
-Every file is written to a temporary name, fsynced and renamed, so a kill leaves either the old or the
-new file, never half of one. Loading uses ``torch.load(weights_only=True)``: no code runs from a file.
+Files are written and checkpoints read through vesselfast.checkpoint (atomic writes, safe loading).
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
-import torch
-
+from vesselfast import testhooks
+from vesselfast.checkpoint import atomic_write, load_checkpoint, save_checkpoint, what_to_do, why_failed
 from vesselfast.errors import UserError
-from vesselfast.pipeline import testhooks
 
 LOG = logging.getLogger("vesselfast")
-FORMAT_VERSION = 1
-_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via ``write(fh)`` to a temp file in the same folder, fsync it, rename it over ``path``, fsync
-    the folder (so the rename itself survives a power cut). A kill at any point leaves the old file or the
-    new one, plus at worst a stray ``.NAME.*.tmp`` (removed when the run directory is next opened).
-    An OSError (disk full, read-only, permissions) becomes a UserError naming the file; no temp file stays."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for the group to read too
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        testhooks.kill_point(f"write:{path.name}")
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({_why(exc)}); {_what_to_do(exc)}") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _what_to_do(exc: OSError) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "the disk is full: free space, then re-run the same command to resume"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "the location is not writable: choose a writable --out"
-    return "check the disk and the folder, then re-run the same command to resume"
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems without directory fsync
-            raise
-    finally:
-        os.close(dir_fd)
-
-
-def save_checkpoint(path: Path, obj: Dict[str, Any]) -> None:
-    atomic_write(path, lambda fh: torch.save({"vesselfast_format": FORMAT_VERSION, **obj}, fh))
-
-
-def load_checkpoint(path: Path, kind: Optional[str] = None,
-                    fix: str = "use a checkpoint written by vesselfast train") -> Dict[str, Any]:
-    """Load a vesselfast checkpoint safely; a missing, truncated, foreign or code-carrying file gives a
-    UserError ending with ``fix`` (what to do). ``weights_only=True``: the unpickler only rebuilds tensors and plain containers, so a file
-    whose pickle would call a function (``__reduce__`` payloads) is refused before anything runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error says enough
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - garbage makes the unpickler fail in many ways (KeyError, ...)
-        refused = _refused_global(exc)
-        if refused:
-            raise UserError(f"{path}: refused to load: the file would run code or build objects other than "
-                            f"tensors ({refused}); it is not a vesselfast checkpoint, nothing from it was run")
-        raise UserError(f"{path}: not a readable vesselfast checkpoint (truncated or foreign file: "
-                        f"{_first_sentence(exc)}); {fix}")
-    if not isinstance(obj, dict) or "vesselfast_format" not in obj:
-        raise UserError(f"{path}: not a vesselfast checkpoint (no vesselfast_format key); {fix}")
-    if kind is not None and obj.get("kind") != kind:
-        raise UserError(f"{path}: holds a {obj.get('kind')!r} checkpoint, expected {kind!r}; {fix}")
-    return obj
-
-
-def _refused_global(exc: Exception) -> Optional[str]:
-    """torch's weights-only unpickler names the function or class it refused ("unsupported GLOBAL ...")."""
-    for line in str(exc).splitlines():
-        if "GLOBAL" in line:
-            return line.strip().rstrip(".")[:120]
-    return None
-
-
-def _first_sentence(exc: Exception) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0].split(". ")[0] if lines else type(exc).__name__)[:160]
-
 
 class RunDir:
     """A run directory. ``writer=False`` (ranks other than 0 of a distributed run) makes it read-only:
@@ -163,7 +59,7 @@ class RunDir:
                 for d in (self.root, self.ckpt, self.pictures):
                     d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise UserError(f"--out {self.root}: cannot create the run directory ({_why(exc)}); "
+                raise UserError(f"--out {self.root}: cannot create the run directory ({why_failed(exc)}); "
                                 "choose a writable folder")
             if not os.access(self.root, os.W_OK):
                 raise UserError(f"--out {self.root}: not writable; choose a writable folder")
@@ -248,8 +144,46 @@ class RunDir:
         p = self.root / "stages.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
-    def is_done(self, stage: str) -> bool:
-        return stage in self.stages() and self.stage_path(stage).exists()
+    def is_done(self, stage: str, identity: Optional[str] = None) -> bool:
+        """Finished here, with this identity when one is given (entries without one predate identities)."""
+        entry = self.stages().get(stage)
+        if entry is None or not self.stage_path(stage).exists():
+            return False
+        return identity is None or entry.get("identity") in (None, identity)
+
+    def find(self, identity: str) -> Optional[str]:
+        """The finished stage of this directory that has ``identity``, if any."""
+        for name, entry in self.stages().items():
+            if entry.get("identity") == identity and self.stage_path(name).exists():
+                return name
+        return None
+
+    def adopt(self, stage: str, other: "RunDir", other_stage: str) -> Dict[str, Any]:
+        """Take a finished stage from another run directory instead of computing it: its checkpoint is
+        hard-linked here (copied where links cannot cross file systems), then the stage is marked done
+        with the other run's info and ``reused_from``. Returns that info."""
+        info = dict(other.stages()[other_stage], reused_from=str(other.root))
+        info.pop("computed", None)
+        if not self.writer:
+            return info
+        src, dst = other.stage_path(other_stage), self.stage_path(stage)
+        tmp = dst.with_name(f".{dst.name}.reuse.tmp")
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as exc:
+            raise UserError(f"{dst}: cannot take {src} ({why_failed(exc)}); {what_to_do(exc)}") from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        stages = self.stages()
+        stages[stage] = info
+        self.write_json("stages.json", stages)
+        return info
 
     def stage_path(self, stage: str) -> Path:
         return self.ckpt / f"{stage}.pt"

@@ -7,22 +7,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from vesselfast.data.augment import augment
 from vesselfast.inference import sliding_window_probs, torch_batch_fn
 from vesselfast.losses import bce_soft_dice_loss
 from vesselfast.models import GradScaling, SegmenterUNet, autocast, to_memory_format
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.loop import run_training
-
-
-def augment(g: torch.Generator, *tensors: torch.Tensor):
-    """The same random flip and 90-degree rotation for every tensor (vessels have no orientation)."""
-    k = int(torch.randint(0, 4, (1,), generator=g))
-    flip = bool(torch.rand(1, generator=g) < 0.5)
-    out = []
-    for t in tensors:
-        t = torch.rot90(t, k, (-2, -1))
-        out.append(t.flip(-1) if flip else t)
-    return out
 
 
 def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch_size: int = 8, lr: float = 1e-3,

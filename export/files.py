@@ -1,53 +1,17 @@
-"""Segmenting image files with a trained segmenter: model loading (run directory or checkpoint), input
-expansion (files, folders, globs), the shared preprocessing, sliding-window inference, PNG output."""
+"""Segmenting image files: input expansion (files, folders, globs; the image types training reads), the
+shared preprocessing, sliding-window inference, PNG output (written atomically)."""
 from __future__ import annotations
 
 import glob
 import os
-import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
 
+from vesselfast.checkpoint import atomic_write
+from vesselfast.data.io import IMAGE_EXTS, is_image_file
 from vesselfast.errors import UserError
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
-
-
-def final_segmenter_path(run_dir: Path) -> Path:
-    """The last co-optimisation round's segmenter of a run (segmenter_K.pt with the largest K)."""
-    found = []
-    for p in (Path(run_dir) / "ckpt").glob("segmenter_*.pt"):
-        m = re.fullmatch(r"segmenter_(\d+)\.pt", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    if not found:
-        raise UserError(f"--model {run_dir}: no trained segmenter in {run_dir}/ckpt; finish a vesselfast train run first")
-    return max(found)[1]
-
-
-def load_torch_segmenter(model_path: str):
-    """(SegmenterUNet in eval mode, metadata dict with preprocessing/tile/stride/threshold)."""
-    from vesselfast.models import SegmenterUNet
-    from vesselfast.pipeline.rundir import load_checkpoint
-
-    path = Path(model_path)
-    if not path.exists():
-        raise UserError(f"--model {model_path}: no such file or directory")
-    if path.is_dir():
-        path = final_segmenter_path(path)
-    ck = load_checkpoint(path)
-    if "channels" not in ck or "model" not in ck or "preprocessing" not in ck:
-        raise UserError(f"--model {path}: not a segmenter checkpoint (kind {ck.get('kind')!r})")
-    model = SegmenterUNet(1, ck["channels"])
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise UserError(f"--model {path}: weights do not fit the segmenter architecture "
-                        f"({str(exc).splitlines()[0][:150]})")
-    meta = {k: ck[k] for k in ("preprocessing", "tile", "stride", "threshold")}
-    return model.eval(), meta
 
 
 def expand_inputs(inputs: List[str]) -> List[Path]:
@@ -55,12 +19,12 @@ def expand_inputs(inputs: List[str]) -> List[Path]:
     paths: List[Path] = []
     for item in inputs:
         if any(ch in item for ch in "*?["):
-            matched = sorted(Path(p) for p in glob.glob(item) if p.lower().endswith(IMAGE_EXTS))
+            matched = sorted(Path(p) for p in glob.glob(item) if is_image_file(os.path.basename(p)))
             if not matched:
                 raise UserError(f"{item}: the pattern matches no image file")
             paths += matched
         elif os.path.isdir(item):
-            found = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            found = sorted(p for p in Path(item).iterdir() if p.is_file() and is_image_file(p.name))
             if not found:
                 raise UserError(f"{item}: folder holds no image file ({', '.join(IMAGE_EXTS)})")
             paths += found
@@ -83,8 +47,6 @@ def output_names(paths: List[Path]) -> List[str]:
 def write_outputs(out_dir: Path, name: str, prob: np.ndarray, threshold: float) -> Tuple[Path, Path]:
     """<name>_prob.png (probability x 255) and <name>_mask.png (0/255), each written atomically."""
     import cv2
-
-    from vesselfast.pipeline.rundir import atomic_write
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
