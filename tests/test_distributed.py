@@ -137,7 +137,12 @@ def test_shards_are_contiguous_ordered_and_complete(monkeypatch, world):
         shares.append(dist.shard(items))
     assert [x for share in shares for x in share] == items
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert dist.rank_seed(0) == dist.RANK_SEED_STRIDE * (world - 1)  # the last rank's own generator
+    # each rank its own generator; rank 0 keeps the seed, so one process is unchanged
+    seeds = []
+    for r in range(world):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        seeds.append(dist.rank_seed(7))
+    assert seeds[0] == 7 and len(set(seeds)) == world
 
 
 def test_one_process_is_untouched():

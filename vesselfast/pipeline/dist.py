@@ -29,9 +29,6 @@ import torch.distributed as tdist
 from vesselfast.errors import UserError
 
 T = TypeVar("T")
-# Per-rank generator seeds are seed + RANK_SEED_STRIDE * rank: far from the +10 .. +400 offsets the
-# pipeline gives its stages, so no two (stage, rank) pairs share a stream.
-RANK_SEED_STRIDE = 1_000_003
 
 
 def launched_by_torchrun() -> bool:
@@ -87,8 +84,14 @@ def device(configured: str) -> str:
 
 
 def rank_seed(seed: int) -> int:
-    """Seed of this rank's training generator; rank 0 (and a single process) keeps ``seed``."""
-    return seed + RANK_SEED_STRIDE * rank()
+    """Seed of this rank's training generator; rank 0 (and a single process) keeps ``seed``, every other
+    rank gets a stream of its own derived from (seed, rank), so no two (stage, rank) pairs share one."""
+    if rank() == 0:
+        return seed
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, rank()]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
 def per_rank_batch(global_batch: int, option: str) -> int:
