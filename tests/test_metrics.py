@@ -77,3 +77,17 @@ def test_summary_mean_and_std():
     assert res["dsc"] == pytest.approx(np.mean(per)) and res["dsc_std"] == pytest.approx(np.std(per))
     with pytest.raises(ValueError):
         image_metrics(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+def test_histogram_distance_known_values():
+    from vesselfast.metrics import histogram_distance
+
+    a = np.full((4, 4), -1.0)          # all mass in the first bin
+    b = np.full((4, 4), 1.0)           # all mass in the last bin
+    d = histogram_distance(a, b)
+    assert d["hist_euclidean"] == pytest.approx(math.sqrt(2)) and d["hist_cosine"] == pytest.approx(1.0)
+    same = histogram_distance(a, a.copy())
+    assert same["hist_euclidean"] == 0 and same["hist_cosine"] == pytest.approx(0.0, abs=1e-12)
+    half = np.concatenate([a, b])      # half and half against all-first-bin
+    d = histogram_distance(half, a)
+    assert d["hist_euclidean"] == pytest.approx(math.sqrt(0.5)) and d["hist_cosine"] == pytest.approx(1 - 0.5 / math.sqrt(0.5))

@@ -211,3 +211,61 @@ def test_calibration_matches_the_source_vessel_prior(tiny_run):
         frac = np.mean(np.concatenate([p.ravel() for p in probs]) >= 0.5)
         assert frac == pytest.approx(prior, abs=0.01)
     assert "calibration_prior" not in stages["baseline"]  # the baselines stay as defined
+
+
+def test_reuse_takes_unchanged_stages_and_equals_a_fresh_run(tiny_run, tmp_path, capsys):
+    """--reuse: a change to the rounds' segmenter retrains nothing before it; the result equals a run
+    computed from scratch with the same config; a change to G_T^0 keeps G_S only."""
+    sets = ["--set", "segmenter.steps_round=7"]
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    assert main(["train", "--preset", "tiny", "--out", str(reused), "--reuse", str(tiny_run)] + sets) == 0
+    stages = json.loads((reused / "stages.json").read_text())
+    before = ("pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "baseline",
+              "baseline_histmatch", "pseudo_label_1", "target_generator_1", "synthesize_1")
+    assert all(stages[s]["reused_from"] == str(tiny_run) for s in before)
+    assert "reused_from" not in stages["segmenter_1"]
+    original = json.loads((tiny_run / "stages.json").read_text())
+    assert stages["segmenter_1"]["identity"] != original["segmenter_1"]["identity"]
+    assert all(stages[s]["identity"] == original[s]["identity"] for s in before)
+    assert main(["train", "--preset", "tiny", "--out", str(fresh)] + sets) == 0
+    assert json.loads((fresh / "metrics.json").read_text())["target_test"] == \
+        json.loads((reused / "metrics.json").read_text())["target_test"]
+    metrics = json.loads((reused / "metrics.json").read_text())
+    assert metrics["computed_seconds"] < metrics["total_seconds"]
+
+    other = tmp_path / "other_target"
+    assert main(["train", "--preset", "tiny", "--out", str(other), "--reuse", str(tiny_run),
+                 "--set", "generator.steps_target=13"]) == 0
+    stages = json.loads((other / "stages.json").read_text())
+    assert "reused_from" in stages["pretrain_source"] and "reused_from" in stages["baseline"]
+    for s in ("pretrain_target", "synthesize_0", "segmenter_0", "pseudo_label_1", "segmenter_1"):
+        assert "reused_from" not in stages[s], s
+
+    capsys.readouterr()
+    out_json = tmp_path / "cmp.json"
+    assert main(["compare", str(tiny_run), str(reused), str(other), "--json", str(out_json),
+                 "--plot", str(tmp_path / "cmp.png")]) == 0
+    table = capsys.readouterr().out
+    assert "segmenter.steps_round=7" in table and "generator.steps_target=13" in table and "(reference)" in table
+    data = json.loads(out_json.read_text())
+    assert [r["name"] for r in data["runs"]] == ["run", "reused", "other_target"]
+    assert data["runs"][1]["metrics"]["iter0"]["dsc"] == data["runs"][0]["metrics"]["iter0"]["dsc"]
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+
+
+def test_diagnostics_per_round(tiny_run):
+    """The paper's diagnostics: intensity distance of each round's synthetic images to the real target
+    crops (the source crops as reference) and the pseudo-labels' positive share."""
+    diag = json.loads((tiny_run / "metrics.json").read_text())["diagnostics"]
+    assert set(diag) == {"source", "iter0", "iter1"}
+    for entry in diag.values():
+        assert entry["hist_euclidean"] >= 0 and 0 <= entry["hist_cosine"] <= 1
+    stages = json.loads((tiny_run / "stages.json").read_text())
+    assert diag["iter1"]["pseudo_label_share"] == stages["pseudo_label_1"]["vessel_fraction"]
+    assert "pseudo-label share" in (tiny_run / "report.md").read_text()
+    assert (tiny_run / "diagnostics.png").stat().st_size > 0
+
+
+def test_reuse_errors(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--reuse", str(tmp_path / "nothing")]) == 2
+    assert "--reuse" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -22,6 +22,7 @@ COMMANDS = {
     "info": "versions, compiled extension, Triton, and which backend each fused op uses",
     "train": "run the method end to end into a run directory",
     "eval": "evaluate a run's saved segmenters on target test images",
+    "compare": "put runs' metrics side by side, with what each run changed",
     "segment": "segment images with a trained model",
     "export": "export a trained segmenter to ONNX / TensorRT",
     "bench": "throughput benchmarks (pytest-benchmark) and regression check",

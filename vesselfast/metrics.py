@@ -116,3 +116,18 @@ def evaluate_images(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray],
     fovs = fovs if fovs is not None else [None] * len(probs)
     per_image = [image_metrics(p, g, f, threshold) for p, g, f in zip(probs, labels, fovs)]
     return {**summarize(per_image), "per_image": per_image}
+
+
+def intensity_histogram(images: np.ndarray, bins: int = 256, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    """Normalised histogram (sums to 1) of every pixel of ``images`` (any shape) over [lo, hi]."""
+    h, _ = np.histogram(np.clip(np.asarray(images, dtype=np.float64), lo, hi), bins=bins, range=(lo, hi))
+    return h / max(h.sum(), 1)
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray, bins: int = 256) -> Dict[str, float]:
+    """How far apart two sets of images are in intensity, as the paper measures the synthetic images
+    against the real target ones: Euclidean distance and cosine distance (1 - cosine similarity) between
+    their normalised intensity histograms (``bins`` bins over [-1, 1]; 0 = identical distributions)."""
+    pa, pb = intensity_histogram(a, bins), intensity_histogram(b, bins)
+    cos = float(pa @ pb / max(np.linalg.norm(pa) * np.linalg.norm(pb), 1e-300))
+    return {"hist_euclidean": float(np.linalg.norm(pa - pb)), "hist_cosine": 1.0 - cos}

@@ -13,7 +13,7 @@ def add_arguments(p):
 def run(args) -> int:
     import json
 
-    from vesselfast.pipeline.report import _clean
+    from vesselfast.pipeline.report import strict_json
     from vesselfast.pipeline.run import evaluate_run
 
     res = evaluate_run(args.run, args.target_test, args.precision)
@@ -22,5 +22,5 @@ def run(args) -> int:
         print(f"{key:<20}{m['dsc']:8.4f}{m['dsc_std']:7.3f}{m['auc']:8.4f}{m['acc']:8.4f}{m['ahd']:8.2f}{m['n_images']:5d}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(_clean(res), fh, indent=2)
+            json.dump(strict_json(res), fh, indent=2)
     return 0

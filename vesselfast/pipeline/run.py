@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vesselfast.data import Sample, builtin_domain, load_domain, preprocessing_spec, random_crops
 from vesselfast.diffusion import NoiseSchedule, t0_index
 from vesselfast.errors import UserError
-from vesselfast.metrics import evaluate_images
+from vesselfast.metrics import evaluate_images, histogram_distance
 from vesselfast import testhooks
 from vesselfast.checkpoint import segmenter_from_state
 from vesselfast.models import SegmenterUNet, generator_from_dict
@@ -122,6 +122,7 @@ class Pipeline:
         self.data: Optional[Data] = data
         # metrics of earlier runs into this directory: evaluations already done are not repeated
         self.metrics: Dict[str, Dict] = dist.broadcast(dict(report.load_metrics(run).get("target_test", {})))
+        self.diagnostics: Dict[str, Dict] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
     def seed(self, name: str) -> int:
@@ -297,6 +298,14 @@ class Pipeline:
         summary["per_image"] = {s.name: r for s, r in zip(test, res["per_image"])}
         return summary, probs
 
+    def diagnose(self, key: str, images: torch.Tensor, pseudo_stage: Optional[str] = None) -> None:
+        """The paper's diagnostics for the images a segmenter is trained on: the intensity-histogram
+        distance to the real target training crops, and the pseudo-labels' positive share (no labels)."""
+        entry = histogram_distance(images.numpy(), self.data.tgt_images.numpy())
+        if pseudo_stage is not None:
+            entry["pseudo_label_share"] = self.run.stages()[pseudo_stage]["vessel_fraction"]
+        self.diagnostics[key] = entry
+
     def evaluate(self, key: str, seg_state: Dict) -> Dict:
         """Metrics on the target test split: the only place target labels are used."""
         if key in self.metrics:
@@ -306,7 +315,7 @@ class Pipeline:
         self.metrics[key] = summary
         if self.run.writer:  # the picture first: a kill between the two redoes this evaluation
             report.save_prediction_grid(self.run, key, test, probs)
-            report.save_metrics(self.run, self.metrics)
+            report.save_metrics(self.run, self.metrics, self.diagnostics)
         LOG.info(f"{key}: DSC {summary['dsc']:.4f} (std {summary['dsc_std']:.4f})  AUC {summary['auc']:.4f}  "
                  f"ACC {summary['acc']:.4f}  AHD {summary['ahd']:.2f} px  ({summary['n_images']} test images)")
         return summary
@@ -340,6 +349,8 @@ class Pipeline:
         # 3.-4. iter 0
         synth = self.synthesize_stage("synthesize_0", g_t, "sampler_iter0", latents, False,
                                       ("data", "pretrain_target", "invert"))
+        self.diagnose("source", d.src_images)
+        self.diagnose("iter0", synth["images"])
         f = self.train_segmenter_stage("segmenter_0", synth["images"], syn_masks, "steps_iter0",
                                        ("data", "synthesize_0"), calibrate=True)
         if self.run.writer:
@@ -370,6 +381,7 @@ class Pipeline:
                                              (f"pseudo_label_{k}", g_name), init=g_t)
             synth = self.synthesize_stage(f"synthesize_{k}", g_t, "sampler", latents, True,
                                           ("data", f"target_generator_{k}", "invert"))
+            self.diagnose(f"iter{k}", synth["images"], f"pseudo_label_{k}")
             finetune = c.segmenter.finetune
             f = self.train_segmenter_stage(f"segmenter_{k}", synth["images"], syn_masks, "steps_round",
                                            ("data", f"synthesize_{k}") + ((f_name,) if finetune else ()),
@@ -381,7 +393,7 @@ class Pipeline:
             self.evaluate(f"iter{k}", f)
 
         if self.run.writer:
-            report.write_all(self.run, self.cfg, self.metrics)
+            report.write_all(self.run, self.cfg, self.metrics, self.diagnostics)
         dist.barrier()
         testhooks.write_state_hashes(dist.rank())
         return self.metrics
