@@ -1,4 +1,4 @@
-"""Triton kernels of the vessel-weighted noise loss (DESIGN.md section 1), forward and backward.
+"""Triton kernels of the vessel-weighted noise loss (docs/METHOD.md, section 7), forward and backward.
 
 Per sample b over its N elements, d = eps - eps_hat:
     loss_b = 0.5 * sum(d^2) / N + sum(w d^2) / (sum(w) + 1)

@@ -1,4 +1,4 @@
-"""Diffusion core against known values and float64 re-derivations written here from DESIGN.md."""
+"""Diffusion core against known values and float64 re-derivations written here from docs/METHOD.md."""
 import math
 
 import numpy as np

@@ -65,7 +65,7 @@ def test_nvcc_compiles_cuda_kernels(src, arch, tmp_path):
 
 
 def test_cuda_sources_include_no_torch_headers():
-    """The .cu files must compile without a CUDA build of torch (DESIGN.md section 3)."""
+    """The .cu files must compile without a CUDA build of torch (docs/BENCHMARKS.md, "Building kernels without a GPU")."""
     for src in CU_FILES + [REPO / "csrc" / "include" / "vesselfast" / "cuda_launchers.h"]:
         text = src.read_text()
         for bad in ("<torch/", "<ATen/", "<c10/", "\"torch/", "\"ATen/", "\"c10/"):

@@ -1,4 +1,4 @@
-"""Every available backend of the fused ops against the float64 reference (DESIGN.md section 1).
+"""Every available backend of the fused ops against the float64 reference (docs/METHOD.md).
 
 Backends on this CPU-only CI: ``torch`` (the reference itself, run in the test dtype), ``cpu`` (the
 C++ extension, when built) and ``triton`` (Triton's CPU interpreter, ``TRITON_INTERPRET=1``, set below
@@ -442,7 +442,7 @@ def test_describe_lists_choice():
 
 
 def test_sanity_reference_formula():
-    """The float64 reference itself against the DESIGN.md formula written out by hand (one element)."""
+    """The float64 reference itself against the docs/METHOD.md formula written out by hand (one element)."""
     x, e, ab_t, ab_p, eta, z = 0.3, -0.4, 0.6, 0.8, 0.5, 0.25
     x0 = max(-1.0, min(1.0, math.sqrt(1 / ab_t) * x - math.sqrt(1 / ab_t - 1) * e))
     ep = (math.sqrt(1 / ab_t) * x - x0) / math.sqrt(1 / ab_t - 1)

@@ -1,4 +1,4 @@
-"""Segmentation metrics, per image, then mean and std over images (DESIGN.md section 1).
+"""Segmentation metrics, per image, then mean and std over images (docs/METHOD.md, section 9).
 
 - DSC = 2|P & G| / (|P| + |G|) and ACC on the probability map thresholded at ``threshold`` (0.5).
 - AUC: area under the ROC curve of the probability map (Mann-Whitney statistic, ties count 1/2).
@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 
 METRICS = ("dsc", "auc", "acc", "ahd")
 
@@ -47,21 +48,8 @@ def auc(scores: np.ndarray, label: np.ndarray) -> float:
     n_neg = g.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _average_ranks(s)
+    ranks = rankdata(s)  # 1-based, ties share their average rank
     return float((ranks[g].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their average rank."""
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [s.size]])
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(s.size, dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
 
 
 def mean_distance(a: np.ndarray, b: np.ndarray) -> float:

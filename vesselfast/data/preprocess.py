@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 CLAHE_DEFAULT = True
 CLAHE_CLIP = 2.0
@@ -109,12 +110,7 @@ def fov_from_image(img: np.ndarray, threshold: int = 20) -> np.ndarray:
     if n > 1:
         biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
         m = (lab == biggest).astype(np.uint8)
-    # fill holes: flood the background from the border
-    inv = (1 - m).astype(np.uint8)
-    n2, lab2 = cv2.connectedComponents(inv, connectivity=4)
-    border = set(np.unique(np.concatenate([lab2[0], lab2[-1], lab2[:, 0], lab2[:, -1]]))) - {0}
-    holes = (inv == 1) & ~np.isin(lab2, list(border))
-    m = (m.astype(bool) | holes).astype(np.uint8)
+    m = ndimage.binary_fill_holes(m.astype(bool)).astype(np.uint8)
     m = cv2.erode(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
     if not m.any():
         return np.ones(ch.shape, bool)

@@ -1,3 +1,3 @@
-"""Diffusion core: schedules, forward process, sampling loops and inversion (DESIGN.md section 1)."""
+"""Diffusion core: schedules, forward process, sampling loops and inversion (docs/METHOD.md, sections 2-6)."""
 from vesselfast.diffusion.sampling import ddim_invert, ddim_sample, ddpm_sample, num_evals  # noqa: F401
 from vesselfast.diffusion.schedule import NoiseSchedule, cosine_betas, linear_betas, t0_index  # noqa: F401

@@ -4,7 +4,7 @@ Each public function (1) computes its per-sample coefficients in float64 from th
 (2) hands x_t, eps, the coefficient table and optional noise to one generic kernel
 ``out = a * x0 + b * eps' + d * x_t + s * z`` (csrc/include/vesselfast/step_math.h), with
 ``x0 = clip(sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps)`` and ``eps' = (sqrt(1/abar_t) x_t - x0) / sqrt(1/abar_t - 1)``.
-The ``*_reference`` functions beside them are the spec, written straight from DESIGN.md section 1;
+The ``*_reference`` functions beside them are the spec, written straight from docs/METHOD.md (sections 4-5);
 they are the ``torch`` backend and what tests and benchmarks compare against.
 
 Shapes: x_t, eps, noise are [B, ...] (any trailing shape, NCHW in practice); alpha_bar_* are [B] tensors

@@ -1,4 +1,4 @@
-"""Vessel-weighted noise loss (DESIGN.md section 1), fused forward and backward.
+"""Vessel-weighted noise loss (docs/METHOD.md, section 7), fused forward and backward.
 
 Per sample b, with d = eps - eps_hat over the sample's N elements:
     L_b = 0.5 * mean(d^2) + sum(w * d^2) / (sum(w) + 1)
