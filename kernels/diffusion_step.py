@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vesselfast.ops.diffusion_step import NUM_COEF
 from vesselfast.ops.registry import KERNEL_DTYPES
 
-NUM_COEF = 6
 GPU_BLOCK = 2048          # elements per program on a GPU (num_warps=4 -> 16 per thread)
 INTERPRET_BLOCK = 1 << 16  # elements per program under the CPU interpreter
 

@@ -88,8 +88,26 @@ def test_corrupt_image(tmp_path, capsys):
     with pytest.raises(UserError, match="c1.png"):
         load_domain([str(root)], "source", "train", True)
     (root / "images" / "c1.png").write_bytes(b"")
-    with pytest.raises(UserError, match="empty file"):
-        check_paths([str(root)], "source")
+    rep = check_paths([str(root)], "source")  # the report lists the problem; the CLI turns it into exit 2
+    assert len(rep["problems"]) == 1 and "c1.png: empty file" in rep["problems"][0]
+
+
+def test_every_problem_is_reported(tmp_path, capsys):
+    """One checker for loading and for `data check`: it goes through every entry; training names the
+    first problem and how many more there are, `data check` lists them all (nnU-Net style)."""
+    root = generic(tmp_path / "g", n=4)
+    (root / "images" / "c1.png").write_bytes(b"")
+    _w(root / "masks" / "c2.png", np.zeros((30, 40), np.uint8))
+    (root / "images" / "c3.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    assert main(["data", "check", str(root), "--role", "source"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "vesselfast: error: 3 problems; fix each and check again:"
+    assert "c1.png: empty file" in err[1] and "same size" in err[2] and "c3.png: cannot decode" in err[3]
+    with pytest.raises(UserError) as exc:
+        load_domain([str(root)], "source", "train", True)
+    msg = str(exc.value)
+    assert "\n" not in msg and "c1.png: empty file" in msg and "and 2 more problem(s)" in msg
+    assert f"vesselfast data check {root}" in msg
 
 
 def test_mask_missing(tmp_path, capsys):
@@ -140,8 +158,11 @@ def test_target_folder_containing_labels(tmp_path, capsys):
     _cli_error(capsys, ["data", "check", str(root), "--role", "target"], "looks like a label file")
     with pytest.raises(UserError, match="looks like a label"):
         load_domain([str(root)], "target", "train", False)
-    # the label folder passed as the target image folder
-    _cli_error(capsys, ["data", "check", str(root / "test" / "label"), "--role", "target"], "looks like a vessel label")
+    # the label folder passed as the target image folder: every file is named
+    assert main(["data", "check", str(root / "test" / "label"), "--role", "target"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "vesselfast: error: 2 problems; fix each and check again:"
+    assert all("looks like a vessel label" in line for line in err[1:]) and len(err) == 3
     with pytest.raises(UserError, match="looks like a vessel label"):
         load_domain([str(root / "test" / "label")], "target", "train", False)
 

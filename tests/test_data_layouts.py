@@ -203,7 +203,8 @@ def test_rose_root_asks_for_subset(tmp_path):
 def test_several_paths_make_one_domain(tmp_path):
     make_drive(str(tmp_path / "DRIVE"))
     make_chase(str(tmp_path / "CHASE_DB1"))
-    s = load_domain([str(tmp_path / "DRIVE"), str(tmp_path / "CHASE_DB1")], "source", "train", True, scale="auto")
+    s = load_domain([str(tmp_path / "DRIVE"), str(tmp_path / "CHASE_DB1")], "source", "train", True,
+                    scale=[0.86, 0.40])  # one factor per folder
     assert [x.name.split("/")[0] for x in s] == ["DRIVE"] * 2 + ["CHASE_DB1"] * 2
     assert {x.layout for x in s} == {"DRIVE", "CHASE_DB1"}
     assert s[0].scale == 0.86 and s[-1].scale == 0.40

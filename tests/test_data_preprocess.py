@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from vesselfast.data import (Sample, apply_spec, calibre_factor, preprocess_source, preprocess_target,
+from vesselfast.data import (Sample, apply_spec, preprocess_source, preprocess_target,
                              preprocessing_spec, random_crops, thick_mask)
 from vesselfast.data.calibre import mean_width
 from vesselfast.data.preprocess import fov_from_image
@@ -98,14 +98,19 @@ def test_fov_from_image():
     assert (est & ~fov).sum() == 0 and est.sum() > 0.85 * fov.sum()
 
 
-def test_calibre_factors_and_width():
-    assert calibre_factor("OCTA-500_3M") == 1.0 and calibre_factor("unknown") == 1.0
-    assert 0.7 < calibre_factor("DRIVE") < 0.95 and 0.3 < calibre_factor("CHASE_DB1") < 0.5
+def test_mean_width_of_bars_and_calibre():
+    from vesselfast.data.calibre import mean_calibre
+
     for w in (1, 3, 6):
         m = np.zeros((100, 100), bool)
         m[50:50 + w, 10:90] = True
         assert abs(mean_width(m) - w) < 0.15 * w + 0.1
     assert np.isnan(mean_width(np.zeros((5, 5), bool)))
+    bars = [np.zeros((60, 60), bool) for _ in range(3)]
+    bars[0][20:22, 5:55] = True
+    bars[1][20:24, 5:55] = True  # widths 2 and 4; the empty map is skipped
+    assert mean_calibre(bars) == pytest.approx(3.0, abs=0.35)
+    assert np.isnan(mean_calibre([np.zeros((4, 4), bool)]))
 
 
 # ------------------------------------------------------------------------------------------ thick mask

@@ -193,18 +193,23 @@ def test_allocator_reexec_environment(monkeypatch):
     assert allocator.environment() is None
 
 
-def test_calibration_matches_the_source_vessel_prior(tiny_run):
-    """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the source masks'
-    vessel fraction inside the FOV (no target label involved)."""
+def test_calibration_matches_the_vessel_prior(tiny_run):
+    """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the configured prior
+    (no target label involved): the source masks' vessel fraction inside the FOV, or the share that
+    baseline_histmatch marks on the target training images."""
     import numpy as np
 
-    from vesselfast.pipeline.run import Pipeline, prepare_data
+    from vesselfast.pipeline.run import Pipeline, build_data, load_inputs
 
     stages = json.loads((tiny_run / "stages.json").read_text())
     cfg = resolve("tiny")
-    pipe = Pipeline(cfg, RunDir(tiny_run))
-    pipe.data = prepare_data(cfg)
-    prior = np.mean([s.mask[s.fov].mean() for s in pipe.data.source_train])
+    pipe = Pipeline(cfg, RunDir(tiny_run), load_inputs(cfg))
+    pipe.data = build_data(cfg, pipe.inputs, {f: 1.0 for f in cfg.data.source})
+    pipe.target_share = pipe.run.load("baseline_histmatch")["target_share"]
+    assert stages["baseline_histmatch"]["target_share"] == pytest.approx(pipe.target_share, abs=1e-5)
+    prior = pipe.vessel_prior()
+    if cfg.segmenter.calibrate == "source":
+        assert prior == pytest.approx(np.mean([s.mask[s.fov].mean() for s in pipe.data.source_train]))
     for stage in ("segmenter_0", "segmenter_1"):
         assert stages[stage]["calibration_prior"] == pytest.approx(prior, abs=1e-5)
         probs = pipe.predict(pipe.run.load(stage), [s.image for s in pipe.data.target_train], stage)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from typing import List, Optional
@@ -41,8 +40,6 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     # Only the command being run gets its (possibly heavy) module imported.
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, help_text in COMMANDS.items():
-        if importlib.util.find_spec(f"vesselfast.commands.{name}") is None:
-            continue  # not part of this version yet
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:
             _command_module(name).add_arguments(p)

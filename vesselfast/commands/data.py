@@ -48,6 +48,14 @@ def _check(args) -> int:
     role = args.role or infer_role(args.paths)
     rep = check_paths(args.paths, role, split=args.split)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    problems = rep["problems"]
+    if problems:
+        if len(problems) == 1:
+            raise UserError(problems[0])
+        print(f"vesselfast: error: {len(problems)} problems; fix each and check again:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
     return 0
 
 

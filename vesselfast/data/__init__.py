@@ -10,12 +10,12 @@ from vesselfast.data.check import check_paths, format_report
 from vesselfast.data.crops import random_crops, thick_mask
 from vesselfast.data.dataset import Sample, load_domain
 from vesselfast.data.layouts import detect as detect_layout
-from vesselfast.data.preprocess import (CALIBRE_FACTORS, CLAHE_DEFAULT, apply_spec, calibre_factor, preprocess_source,
-                                        preprocess_target, preprocessing_spec)
+from vesselfast.data.preprocess import (CLAHE_DEFAULT, apply_spec, preprocess_source, preprocess_target,
+                                        preprocessing_spec)
 from vesselfast.data.synthetic import builtin_domain
 
 __all__ = [
     "Sample", "load_domain", "builtin_domain", "preprocess_source", "preprocess_target", "preprocessing_spec",
     "apply_spec", "random_crops", "thick_mask", "check_paths", "format_report", "detect_layout",
-    "calibre_factor", "CALIBRE_FACTORS", "CLAHE_DEFAULT",
+    "CLAHE_DEFAULT",
 ]

@@ -1,64 +1,37 @@
-"""Vessel calibre (mean labelled width in pixels) = vessel area / skeleton length.
+"""Vessel calibre (mean width in pixels) of binary vessel maps: vessel area / skeleton length.
 
-Skeleton: Zhang-Suen thinning with a 256-entry lookup table (numpy only). Skeleton length counts
-axial steps as 1 and diagonal steps as sqrt(2) (half of each pixel's links to its skeleton neighbours).
+The skeleton is scikit-image's 2-D thinning (Zhang's method); its length counts axial links as 1 and
+diagonal links as sqrt(2). One definition serves labelled source masks and the binarised predictions the
+pipeline's survey measures on unlabelled target images (vesselfast/pipeline/survey.py), so the ratio of
+the two is what the source rescale factor is made of.
 """
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 import numpy as np
 
-# neighbour order P2..P9 (N, NE, E, SE, S, SW, W, NW) as bits 0..7
-_OFFS = [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)]
+_AXIAL = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_DIAGONAL = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
-def _luts():
-    lut1 = np.zeros(256, bool)
-    lut2 = np.zeros(256, bool)
-    for code in range(256):
-        p = [(code >> k) & 1 for k in range(8)]
-        b = sum(p)
-        a = sum((p[k] == 0 and p[(k + 1) % 8] == 1) for k in range(8))
-        p2, p3, p4, p5, p6, p7, p8, p9 = p
-        if 2 <= b <= 6 and a == 1:
-            lut1[code] = (p2 * p4 * p6 == 0) and (p4 * p6 * p8 == 0)
-            lut2[code] = (p2 * p4 * p8 == 0) and (p2 * p6 * p8 == 0)
-    return lut1, lut2
+def skeletonize(mask: np.ndarray) -> np.ndarray:
+    from skimage.morphology import skeletonize as thin
 
-
-_LUT1, _LUT2 = _luts()
-
-
-def _codes(img: np.ndarray) -> np.ndarray:
-    pad = np.pad(img, 1)
-    h, w = img.shape
-    code = np.zeros((h, w), np.int32)
-    for k, (dy, dx) in enumerate(_OFFS):
-        code |= pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w].astype(np.int32) << k
-    return code
-
-
-def skeletonize(mask: np.ndarray, max_iter: int = 200) -> np.ndarray:
-    img = np.asarray(mask, bool).copy()
-    for _ in range(max_iter):
-        changed = False
-        for lut in (_LUT1, _LUT2):
-            rm = img & lut[_codes(img)]
-            if rm.any():
-                img &= ~rm
-                changed = True
-        if not changed:
-            break
-    return img
+    return thin(np.asarray(mask, bool))
 
 
 def skeleton_length(skel: np.ndarray) -> float:
-    s = skel.astype(np.int32)
+    s = np.asarray(skel, bool).astype(np.int32)
     pad = np.pad(s, 1)
     h, w = s.shape
-    ax = sum(pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in _OFFS[0::2])
-    dg = sum(pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in _OFFS[1::2])
-    # each link is seen from both ends; isolated pixels count 1
-    links = 0.5 * (ax * s).sum() + 0.5 * np.sqrt(2.0) * (dg * s).sum()
+
+    def neighbours(offsets):
+        return sum(pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets)
+    ax, dg = neighbours(_AXIAL), neighbours(_DIAGONAL)
+    # each link is seen from both of its ends; an isolated pixel counts 1
+    links = 0.5 * (ax * s).sum() + 0.5 * math.sqrt(2.0) * (dg * s).sum()
     isolated = ((ax + dg) * s == 0) & (s == 1)
     return float(links + isolated.sum())
 
@@ -68,5 +41,10 @@ def mean_width(mask: np.ndarray) -> float:
     m = np.asarray(mask, bool)
     if not m.any():
         return float("nan")
-    length = skeleton_length(skeletonize(m))
-    return float(m.sum() / max(length, 1.0))
+    return float(m.sum() / max(skeleton_length(skeletonize(m)), 1.0))
+
+
+def mean_calibre(masks: Iterable[np.ndarray]) -> float:
+    """Mean over maps of :func:`mean_width`, skipping empty ones; NaN when all are empty."""
+    widths = [w for w in (mean_width(m) for m in masks) if not math.isnan(w)]
+    return float(np.mean(widths)) if widths else float("nan")

@@ -1,10 +1,12 @@
 """``check_paths``: validate data folders and report layout, counts, sizes, vessel fraction, calibre.
 
-Every file is decoded (corrupt files are found). Role "source": vessel masks are required and read.
-Role "target": labels of the train split (and of folders without splits, which may be used for training)
-are never listed nor opened; val/test labels are checked when present. Bad input raises a
-:class:`UserError` naming the file and the fix; survivable oddities (a nearly binary mask that was
-thresholded, FOV computed from the image) are reported as notes.
+Every file is decoded and checked by the same per-entry check loading uses (data/verify.py), and every
+problem is collected, not just the first: the report's ``problems`` lists each one (one line naming the
+file and the fix; ``vesselfast data check`` exits 2 when there are any). Role "source": vessel masks are
+required and read. Role "target": labels of the train split (and of folders without splits, which may be
+used for training) are never listed nor opened; val/test labels are checked when present. Survivable
+oddities (a nearly binary mask that was thresholded, FOV computed from the image) are reported as notes.
+Folder-level errors (no images, an unknown layout, label files in a target image folder) still raise.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import numpy as np
 
 from vesselfast.data import layouts as L
 from vesselfast.data.calibre import mean_width
-from vesselfast.data.dataset import _check_paths_arg, check_label_like_names, check_target_images, modality_for
-from vesselfast.data.io import read_image, read_mask
-from vesselfast.data.preprocess import CALIBRE_FACTORS, TARGET_CALIBRE_PX, calibre_factor, fov_from_image
+from vesselfast.data.dataset import _check_paths_arg, check_label_like_names, modality_for
+from vesselfast.data.io import read_image
+from vesselfast.data.verify import Problems, read_entry
+from vesselfast.data.preprocess import fov_from_image
 from vesselfast.errors import UserError
 
 CALIBRE_IMAGES = 3  # labelled images per folder used to estimate the vessel calibre
@@ -56,7 +59,8 @@ def check_paths(paths: Union[str, Sequence[str]], role: str, split: str = "all")
     if split not in L.SPLITS + ("all",):
         raise UserError(f"split must be one of train, val, test, all, got {split!r}")
     paths = _check_paths_arg(paths)
-    report: Dict[str, object] = {"role": role, "split": split, "paths": [], "total_images": 0}
+    report: Dict[str, object] = {"role": role, "split": split, "paths": [], "total_images": 0, "problems": []}
+    problems = Problems()
     seen_names = {}
     for path in paths:
         lay = L.detect(path)
@@ -86,26 +90,17 @@ def check_paths(paths: Union[str, Sequence[str]], role: str, split: str = "all")
             n_lab = 0
             fov_computed = 0
             for e in ents:
-                img = read_image(e.image)
-                check_target_images(e.image, img)
+                got = read_entry(e, read_lab, problems, notes)
+                if got is None:
+                    continue
+                img, fov = got.image, got.fov
                 h, w = img.shape[:2]
                 sizes[f"{w}x{h}"] += 1
-                fov = None
-                if e.fov:
-                    fov = read_mask(e.fov, what="field-of-view mask", notes=notes)
-                    if fov.shape != (h, w):
-                        raise UserError(f"{e.fov}: field-of-view mask is {fov.shape[1]}x{fov.shape[0]} but image "
-                                        f"{e.image} is {w}x{h}; they must have the same size")
-                    if not fov.any():
-                        raise UserError(f"{e.fov}: field-of-view mask is empty; fix or delete it (it is then computed)")
-                elif mod == "fundus":
+                if fov is None and mod == "fundus":
                     fov = fov_from_image(img)
                     fov_computed += 1
-                if read_lab and e.mask:
-                    m = read_mask(e.mask, notes=notes)
-                    if m.shape != (h, w):
-                        raise UserError(f"{e.mask}: vessel mask is {m.shape[1]}x{m.shape[0]} but image {e.image} "
-                                        f"is {w}x{h}; they must have the same size")
+                if got.mask is not None:
+                    m = got.mask
                     n_lab += 1
                     region = fov if fov is not None else np.ones_like(m)
                     fracs.append(float(m[region].mean()) if region.any() else 0.0)
@@ -116,8 +111,8 @@ def check_paths(paths: Union[str, Sequence[str]], role: str, split: str = "all")
                 full = ((os.path.basename(os.path.normpath(path)) + "/") if len(paths) > 1 else "") + e.name
                 full = (sp, full)
                 if full in seen_names:
-                    raise UserError(f"{e.image}: duplicate image name {full[1]!r} (also {seen_names[full]}); "
-                                    "rename one")
+                    problems.append(f"{e.image}: duplicate image name {full[1]!r} (also {seen_names[full]}); rename one")
+                    continue
                 seen_names[full] = e.image
             if fov_computed:
                 notes.append(f"{sp or 'all'}: no FOV files for {fov_computed} fundus image(s); FOV computed from the "
@@ -139,11 +134,11 @@ def check_paths(paths: Union[str, Sequence[str]], role: str, split: str = "all")
             "path": path, "layout": lay.name, "key": lay.key, "modality": mod,
             "splits_present": list(lay.splits) or None, "splits": splits_out,
             "calibre_px": float(np.mean(calib)) if calib else None,
-            "default_scale": calibre_factor(lay.key) if lay.key in CALIBRE_FACTORS else 1.0,
             "notes": notes,
         })
     if report["total_images"] == 0:
         raise UserError(f"{', '.join(paths)}: no images for split {split!r}; use --split all or another folder")
+    report["problems"] = list(problems)
     return report
 
 
@@ -159,9 +154,11 @@ def format_report(rep: Dict[str, object]) -> str:
             lines.append(f"  {sp:5s} {d['images']} images, {lab}, {sizes}{vfs}")
         if p["calibre_px"] is not None:
             lines.append(f"  calibre {p['calibre_px']:.2f} px mean vessel width (area/skeleton, first "
-                         f"{CALIBRE_IMAGES} labelled images); OCTA-500 3M: {TARGET_CALIBRE_PX} px; "
-                         f"default scale for {p['key']}: {p['default_scale']}")
+                         f"{CALIBRE_IMAGES} labelled images); training rescales each source to the target's "
+                         "calibre, estimated from its unlabelled images (docs/DATA.md)")
         for n in p["notes"]:
             lines.append(f"  note: {n}")
-    lines.append(f"OK: {rep['total_images']} images in {len(rep['paths'])} folder(s)")
+    n_bad = len(rep.get("problems", []))
+    lines.append(f"{'OK' if not n_bad else 'NOT OK'}: {rep['total_images']} images in {len(rep['paths'])} folder(s)"
+                 + (f", {n_bad} problem(s)" if n_bad else ""))
     return "\n".join(lines)

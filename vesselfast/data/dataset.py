@@ -8,8 +8,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from vesselfast.data import layouts as L
-from vesselfast.data.io import read_image, read_mask
-from vesselfast.data.preprocess import CLAHE_DEFAULT, calibre_factor, preprocess_source, preprocess_target
+from vesselfast.data.verify import Problems, read_entry
+from vesselfast.data.preprocess import CLAHE_DEFAULT, preprocess_source, preprocess_target
 from vesselfast.errors import UserError
 
 ROLES = ("source", "target")
@@ -48,15 +48,6 @@ def _check_paths_arg(paths) -> List[str]:
     return paths
 
 
-def check_target_images(entry_image: str, img: np.ndarray) -> None:
-    """Refuse an image that is really a label map (two grey levels only), e.g. a label folder passed as
-    the target image folder."""
-    vals = np.unique(img if img.ndim == 2 else img[..., 1])
-    if vals.size <= 2:
-        raise UserError(f"{entry_image}: has only {vals.size} grey level(s), so it looks like a vessel label, "
-                        "not an image; point the target at the image folder (labels are never used for training)")
-
-
 def check_label_like_names(layout: L.Layout, entries: Sequence[L.Entry]) -> None:
     bad = [e.image for e in entries if L.LABEL_LIKE.search(e.name)]
     if bad:
@@ -66,14 +57,14 @@ def check_label_like_names(layout: L.Layout, entries: Sequence[L.Entry]) -> None
 
 
 def load_domain(paths: Union[str, Sequence[str]], role: str, split: str = "train", read_labels: bool = True, *,
-                channel: str = "green", scale: Union[float, str] = 1.0, clahe: bool = CLAHE_DEFAULT,
+                channel: str = "green", scale: Union[float, Sequence[float]] = 1.0, clahe: bool = CLAHE_DEFAULT,
                 modality: Optional[str] = None) -> List[Sample]:
     """Read, validate and preprocess one domain made of one or several folders.
 
     role: "source" (fundus, labelled) or "target" (OCTA). split: train | val | test | all; a folder without
     splits contributes all its images to any split. For role="target", split="train" labels are never
-    listed nor opened and ``read_labels`` must be False. scale: a factor, or "auto" for each layout's
-    default calibre factor (:data:`vesselfast.data.preprocess.CALIBRE_FACTORS`). modality overrides the
+    listed nor opened and ``read_labels`` must be False. scale: the rescale factor, one for every folder or
+    one per folder (the pipeline estimates them, see vesselfast/pipeline/survey.py). modality overrides the
     layout's (fundus -> preprocess_source, octa -> preprocess_target). Names are file stems, prefixed
     with the folder name when several folders are combined and with the split for split="all"
     ("DRIVE/train/21_training")."""
@@ -86,36 +77,38 @@ def load_domain(paths: Union[str, Sequence[str]], role: str, split: str = "train
     if modality not in (None, "fundus", "octa"):
         raise UserError(f"modality must be 'fundus' or 'octa', got {modality!r}")
     paths = _check_paths_arg(paths)
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(paths)
+    if len(scales) != len(paths):
+        raise UserError(f"scale: give one factor, or one per folder ({len(paths)}), not {len(scales)}")
     out: List[Sample] = []
     names = set()
-    for path in paths:
+    problems = Problems()
+    for path, f in zip(paths, scales):
         lay = L.detect(path)
         entries = lay.entries(split, read_labels)
         if role == "target" and split in ("train", "all"):
             check_label_like_names(lay, entries)
         mod = modality or modality_for(lay, role)
-        f = calibre_factor(lay.key) if scale == "auto" else float(scale)
-        if not (f > 0):
-            raise UserError(f"scale must be > 0 or 'auto', got {scale!r}")
+        if not (isinstance(f, (int, float)) and f > 0):
+            raise UserError(f"scale must be a number > 0, got {f!r}")
+        f = float(f)
         prefix = (os.path.basename(os.path.normpath(path)) + "/") if len(paths) > 1 else ""
         for e in entries:
-            img = read_image(e.image)
-            check_target_images(e.image, img)
-            mask = read_mask(e.mask) if (read_labels and e.mask) else None
-            fov = read_mask(e.fov, what="field-of-view mask") if e.fov else None
-            for what, arr, p in (("vessel mask", mask, e.mask), ("field-of-view mask", fov, e.fov)):
-                if arr is not None and arr.shape != img.shape[:2]:
-                    raise UserError(f"{p}: {what} is {arr.shape[1]}x{arr.shape[0]} but image {e.image} is "
-                                    f"{img.shape[1]}x{img.shape[0]}; they must have the same size")
+            got = read_entry(e, read_labels, problems)
+            if got is None:
+                continue
+            img, mask, fov = got.image, got.mask, got.fov
             if mod == "fundus":
                 im, m, fv = preprocess_source(img, mask, fov, channel=channel, clahe=clahe, scale=f)
             else:
                 im, m, fv = preprocess_target(img, mask, clahe=clahe, scale=f)
             name = prefix + (f"{e.split}/" if (split == "all" and e.split) else "") + e.name
             if name in names:
-                raise UserError(f"{e.image}: duplicate image name {name!r} in the combined domain; rename one")
+                problems.append(f"{e.image}: duplicate image name {name!r} in the combined domain; rename one")
+                continue
             names.add(name)
             out.append(Sample(name, im, m, fv, e.image, layout=lay.key, modality=mod, split=e.split, scale=f))
+    problems.raise_first(paths)
     if not out:
         raise UserError(f"{', '.join(paths)}: no images for split {split!r}; use split 'all' or a folder "
                         "that has this split")

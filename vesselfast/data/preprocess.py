@@ -32,37 +32,6 @@ BACKGROUND = -1.0
 # (at the original resolution) before anything else.
 FOV_ERODE_PX = 3
 
-# Mean labelled vessel width in pixels (vessel area / skeleton length, vesselfast.data.calibre.mean_width,
-# per image then mean), measured with ``python scripts/measure_calibre.py`` on the copies in ../shared/data.
-# (DESIGN.md quotes ~2.7 px for OCTA-500 3M with another width definition; the ratios are what matter.)
-TARGET_CALIBRE_PX = 1.69  # OCTA-500 3M large-vessel labels: the common calibre every domain is scaled to
-CALIBRE_PX = {
-    "OCTA-500_3M": 1.69,    # val + test labels (train labels are not read)
-    "DRIVE": 1.96,
-    "CHASE_DB1": 4.22,
-    "synthetic": 1.78,      # both built-in domains at size 256 (fundus 1.73, OCTA 1.82)
-}
-# Rescale factor per layout key so that vessel calibre matches OCTA-500 3M. "measured": ratio of the
-# calibres above; "estimated": from resolution and field of view relative to DRIVE (no copy here).
-CALIBRE_FACTORS: Dict[str, float] = {
-    "OCTA-500_3M": 1.0,     # reference
-    "DRIVE": 0.86,          # measured: 1.69 / 1.96 (DESIGN.md found 0.8 by matching)
-    "CHASE_DB1": 0.40,      # measured: 1.69 / 4.22 (DESIGN.md: 0.45)
-    "ROSE-1": 1.0,          # estimated: 3x3 mm at 304x304, the sampling of OCTA-500 3M
-    "OCTA-500_6M": 1.5,     # estimated: 6x6 mm at 400x400 (66.7 vs 101 px/mm)
-    "STARE": 0.57,          # estimated: 700x605, 35 deg: 1.5x DRIVE's pixels per degree -> 0.86 / 1.5
-    "FIVES": 0.26,          # estimated: 2048x2048, 50 deg: 3.3x DRIVE's pixels per degree
-    "HRF": 0.14,            # estimated: 3504x2336, 45 deg: 6x DRIVE's pixels per degree
-    "generic": 1.0,
-    "synthetic": 1.0,       # the built-in domains are drawn at OCTA-500 3M calibre at size 256
-}
-
-
-def calibre_factor(key: str) -> float:
-    """Default rescale factor for a layout key (``Layout.key``); 1.0 for unknown keys."""
-    return float(CALIBRE_FACTORS.get(key, 1.0))
-
-
 def _cv2():
     import cv2
 

@@ -80,8 +80,3 @@ def t0_index(t0_ratio: float, num_steps: int) -> int:
         raise ValueError(f"t0_ratio must lie in (0, 1], got {t0_ratio}")
     return max(1, min(num_steps - 1, int(round(t0_ratio * num_steps))))
 
-
-def level_after_inversion(schedule: NoiseSchedule, num_steps: int, t0_steps: int) -> int:
-    """Timestep whose noise level the inversion latent has: timesteps[t0_steps] (paper: 300)."""
-    return schedule.ddim_timesteps(num_steps)[t0_steps]
-

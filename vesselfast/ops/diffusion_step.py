@@ -22,7 +22,7 @@ import torch
 from vesselfast.ops.registry import new_op
 
 Abar = Union[float, torch.Tensor]
-NUM_COEF = 6  # cx, ce, a, b, d, s (order fixed by StepCoef in step_math.h)
+NUM_COEF = 6  # cx, ce, a, b, d, s (order fixed by StepCoef in step_math.h; the Triton kernel reads it here)
 
 
 # ----------------------------------------------------------------------------------------------

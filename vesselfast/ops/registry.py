@@ -85,12 +85,6 @@ class Op:
         self.name = name
         self.impls: Dict[str, Callable] = {"torch": reference}
 
-    def register(self, backend: str):
-        def deco(fn):
-            self.impls[backend] = fn
-            return fn
-        return deco
-
     def _reason(self, backend: str, device, dtype=None) -> Optional[str]:
         reason = backend_unavailable_reason(backend, device, dtype)
         if reason is None and backend not in self.impls:

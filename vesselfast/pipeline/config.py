@@ -24,7 +24,13 @@ class DataConfig:
     target_test: Optional[str] = None     # default: the target folder's test split
     channel: str = "green"                # fundus -> one channel: green | luminance
     clahe: bool = True
-    source_scale: Optional[float] = None  # None: per-dataset calibre factor (docs/DATA.md)
+    # Source rescale: None estimates each folder's factor from its labels and the unlabelled target
+    # images (the survey, vesselfast/pipeline/survey.py); a number fixes it for every source folder.
+    source_scale: Optional[float] = None
+    survey_steps: int = 600               # training steps of the survey's probe
+    # source scales (relative to the common calibre) the probe sees at once, so that it is scale-agnostic
+    survey_scales: List[float] = field(default_factory=lambda: [0.5, 0.71, 1.0, 1.41, 2.0])
+    crops_inside_fov: bool = False        # source crops wholly inside the fundus FOV (no FOV rim)
     crop: int = 64                        # crop size for every stage
     pool: int = 512                       # crops cut once per domain for training (half vessel-centred)
     synth_crops: int = 200                # source crops inverted and re-synthesised as target images
@@ -85,6 +91,14 @@ class SegmenterConfig:
     # at or above `threshold` equals a vessel-fraction prior. "source": the source masks' vessel
     # fraction inside the FOV; "none": off; or a number in (0, 1).
     calibrate: str = "source"
+    # What F^k trains on besides the synthetic pairs (docs/PIPELINE.md, ablation): histogram-match the
+    # synthetic images to target images; shares of the training set made of histogram-matched source
+    # crops and of real target crops with the round's pseudo-labels (rounds only).
+    match_synthetic: bool = False
+    source_mix: float = 0.0
+    self_train: float = 0.0
+    pseudo_tta: bool = False        # pseudo-labels averaged over the 8 flips / rotations
+    first_labels: str = "segmenter_0"  # who labels round 1: segmenter_0 (the paper) | baseline_histmatch
 
 
 @dataclass
@@ -106,7 +120,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # CI: the whole pipeline in seconds; numbers mean nothing.
     "tiny": {
         "rounds": 1, "ckpt_every": 10,
-        "data": {"crop": 32, "pool": 32, "synth_crops": 16, "builtin_n": 4, "builtin_size": 96, "builtin_test_n": 2},
+        "data": {"crop": 32, "pool": 32, "synth_crops": 16, "builtin_n": 4, "builtin_size": 96, "builtin_test_n": 2,
+                 "survey_steps": 12},
         "diffusion": {"T": 100, "ddim_steps": 10},
         "generator": {"base_channels": 8, "channel_mult": [1, 2], "steps_source": 12, "steps_target": 12,
                       "steps_round": 6, "batch_size": 4},
@@ -175,6 +190,8 @@ def _coerce(value, current, f, name):
     elif isinstance(current, str) or (current is None and "str" in str(f.type)):
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. segmenter.calibrate=0.07: validate() checks what the key allows
     elif isinstance(current, list):
         if isinstance(value, list):
             return value
@@ -214,9 +231,8 @@ def validate(cfg: RunConfig) -> None:
     div = 2 ** (len(cfg.generator.channel_mult) - 1)
     if cfg.data.crop < 16 or cfg.data.crop % max(div, 16):
         bad(f"data.crop={cfg.data.crop} must be a multiple of {max(div, 16)} and >= 16")
-    for s in (cfg.synthesis.sampler,):
-        if s not in SAMPLERS:
-            bad(f"synthesis.sampler={s!r}: choose one of {', '.join(SAMPLERS)}")
+    if cfg.synthesis.sampler not in SAMPLERS:
+        bad(f"synthesis.sampler={cfg.synthesis.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if cfg.synthesis.sampler_iter0 not in ("ddim_latent", "ddpm_latent"):
         bad(f"synthesis.sampler_iter0={cfg.synthesis.sampler_iter0!r}: choose ddim_latent or ddpm_latent")
     if cfg.data.channel not in ("green", "luminance"):
@@ -229,17 +245,27 @@ def validate(cfg: RunConfig) -> None:
         if value == "fp16" and not cfg.device.startswith("cuda"):
             bad(f"{name}=fp16 needs a GPU (device={cfg.device}); use auto or bf16 on CPU")
     cal = cfg.segmenter.calibrate
-    if cal not in ("source", "none"):
+    if cal not in ("source", "none", "estimate"):
         try:
             ok = 0.0 < float(cal) < 1.0
         except ValueError:
             ok = False
         if not ok:
-            bad(f"segmenter.calibrate={cal!r}: use source, none, or a vessel fraction in (0, 1)")
+            bad(f"segmenter.calibrate={cal!r}: use estimate, source, none, or a vessel fraction in (0, 1)")
+    if cfg.data.source_scale is not None and not cfg.data.source_scale > 0:
+        bad(f"data.source_scale={cfg.data.source_scale} must be > 0 (or null: estimated by the survey)")
+    if not cfg.data.survey_scales or not all(isinstance(v, (int, float)) and v > 0 for v in cfg.data.survey_scales):
+        bad(f"data.survey_scales={cfg.data.survey_scales!r}: give a list of factors > 0, e.g. [0.5, 1.0, 2.0]")
+    s = cfg.segmenter
+    if not (0 <= s.source_mix < 1 and 0 <= s.self_train < 1 and s.source_mix + s.self_train < 1):
+        bad(f"segmenter.source_mix={s.source_mix} and segmenter.self_train={s.self_train} must be shares in [0, 1) "
+            "that leave room for the synthetic pairs (sum < 1)")
+    if s.first_labels not in ("segmenter_0", "baseline_histmatch"):
+        bad(f"segmenter.first_labels={s.first_labels!r}: choose segmenter_0 or baseline_histmatch")
     if cfg.rounds < 0:
         bad(f"rounds={cfg.rounds} must be >= 0")
     for name in ("generator.steps_source", "generator.steps_target", "segmenter.steps_iter0", "data.pool",
-                 "data.synth_crops", "generator.batch_size", "segmenter.batch_size", "ckpt_every"):
+                 "data.synth_crops", "generator.batch_size", "segmenter.batch_size", "ckpt_every", "data.survey_steps"):
         sec, _, key = name.rpartition(".")
         v = getattr(getattr(cfg, sec) if sec else cfg, key)
         if v < 1:

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from vesselfast.data import Sample, builtin_domain, load_domain, preprocessing_spec, random_crops
+from vesselfast.data.calibre import mean_calibre
 from vesselfast.diffusion import NoiseSchedule, t0_index
 from vesselfast.errors import UserError
 from vesselfast.metrics import evaluate_images, histogram_distance
@@ -42,13 +43,14 @@ from vesselfast.pipeline.generative import (EpsModel, build_generator, evals_per
 from vesselfast.pipeline.identity import stage_identity
 from vesselfast.pipeline.rundir import LOG, RunDir
 from vesselfast.pipeline.seeds import stream_seed
+from vesselfast.pipeline.survey import run_survey
 from vesselfast.pipeline.segmenter import predict_probs, train_segmenter
 
 # What each kind of stage reads from the config (its identity, see identity.py). Keys that only the
 # evaluation reads (data.target_test, data.builtin_test_n) or that change no result (rounds, ckpt_every,
 # baselines, device) are in none of them.
 DATA_READS = ("data.source", "data.target", "data.channel", "data.clahe", "data.source_scale", "data.crop",
-              "data.pool", "data.builtin_n", "data.builtin_size")
+              "data.pool", "data.builtin_n", "data.builtin_size", "data.crops_inside_fov")
 GENERATOR_READS = ("generator.base_channels", "generator.channel_mult", "generator.num_res_blocks",
                    "generator.attention_levels", "generator.dropout", "generator.lr", "generator.batch_size",
                    "generator.ema_decay", "generator.precision", "diffusion.T", "diffusion.schedule")
@@ -58,25 +60,39 @@ SAMPLING_READS = ("diffusion.T", "diffusion.schedule", "diffusion.ddim_steps", "
 SEGMENTER_READS = ("segmenter.channels", "segmenter.lr", "segmenter.batch_size", "segmenter.precision",
                    "segmenter.tile", "segmenter.stride", "segmenter.threshold", "data.clahe")
 CALIBRATION_READS = ("segmenter.calibrate",)
+TRAINING_SET_READS = ("segmenter.match_synthetic", "segmenter.source_mix", "segmenter.self_train")
+SURVEY_READS = DATA_READS + SEGMENTER_READS + ("data.survey_steps", "data.survey_scales")
+
+
+@dataclass
+class Inputs:
+    """Every image loaded, validated and preprocessed at its native size: what the survey and the stages
+    start from (recomputed cheaply on every (re)start instead of stored)."""
+    sources: Dict[str, List[Sample]]  # source folder (or "builtin") -> labelled samples at scale 1
+    target_train: List[Sample]        # images only: labels never read
+    target_test: List[Sample]         # with labels, for evaluation only
 
 
 @dataclass
 class Data:
-    source_train: List[Sample]
-    target_train: List[Sample]     # images only: labels never read
-    target_test: List[Sample]      # with labels, for evaluation only
+    source_train: List[Sample]     # every source folder at its rescale factor
+    target_train: List[Sample]
+    target_test: List[Sample]
     src_images: torch.Tensor       # [pool, 1, c, c] source crops
     src_masks: torch.Tensor        # [pool, 1, c, c]
     tgt_images: torch.Tensor       # [pool, 1, c, c] target crops (no labels)
+    factors: Dict[str, float]      # source folder -> rescale factor
 
 
-def load_samples(paths: List[str], role: str, split: str, read_labels: bool, cfg: RunConfig, seed: int) -> List[Sample]:
+def load_samples(paths: List[str], role: str, split: str, read_labels: bool, cfg: RunConfig,
+                 scales: Optional[Sequence[float]] = None) -> List[Sample]:
+    """One domain from its folders (or the built-in data), each folder at its factor in ``scales``."""
     d = cfg.data
+    scales = list(scales) if scales is not None else [1.0] * len(paths)
     if paths == ["builtin"]:
         n = d.builtin_test_n if split == "test" else d.builtin_n
-        return builtin_domain(role, split, n, d.builtin_size, seed)
-    scale = "auto" if d.source_scale is None else d.source_scale
-    return load_domain(paths, role, split, read_labels, channel=d.channel, scale=scale, clahe=d.clahe)
+        return builtin_domain(role, split, n, d.builtin_size, cfg.seed, scale=scales[0])
+    return load_domain(paths, role, split, read_labels, channel=d.channel, scale=scales, clahe=d.clahe)
 
 
 def check_crop(samples: List[Sample], crop: int, where: str) -> None:
@@ -88,38 +104,56 @@ def check_crop(samples: List[Sample], crop: int, where: str) -> None:
                         f"{max(sides)} px on its short side); use --set data.crop={fits} or less")
 
 
-def prepare_data(cfg: RunConfig) -> Data:
-    """Deterministic from the config: recomputed (cheaply) on every (re)start instead of stored."""
+def load_inputs(cfg: RunConfig) -> Inputs:
     d = cfg.data
-    source_train = load_samples(d.source, "source", "train", True, cfg, cfg.seed)
-    target_train = load_samples([d.target], "target", "train", False, cfg, cfg.seed)
-    target_test = load_samples([d.target_test or d.target], "target", "test", True, cfg, cfg.seed)
+    sources = {folder: load_samples([folder], "source", "train", True, cfg) for folder in d.source}
+    target_train = load_samples([d.target], "target", "train", False, cfg)
+    target_test = load_samples([d.target_test or d.target], "target", "test", True, cfg)
     if any(s.mask is not None for s in target_train):
         raise AssertionError("target training labels were read")  # load_domain must never do this
-    check_crop(source_train, d.crop, f"source ({', '.join(d.source)})")
+    check_crop([s for ss in sources.values() for s in ss], d.crop, f"source ({', '.join(d.source)})")
     check_crop(target_train, d.crop, f"target ({d.target})")
+    return Inputs(sources, target_train, target_test)
+
+
+def source_at(cfg: RunConfig, factors: Dict[str, float]) -> List[Sample]:
+    """Every source folder rescaled by its factor (from the original files: the rescale comes first in
+    the preprocessing), named as one combined domain."""
+    folders = list(cfg.data.source)
+    return load_samples(folders, "source", "train", True, cfg, [factors[f] for f in folders])
+
+
+def build_data(cfg: RunConfig, inputs: Inputs, factors: Dict[str, float]) -> Data:
+    d = cfg.data
+    source_train = source_at(cfg, factors) if any(f != 1.0 for f in factors.values()) else \
+        [s for folder in d.source for s in inputs.sources[folder]]
+    check_crop(source_train, d.crop, f"source ({', '.join(d.source)}) after rescaling")
     src_images, src_masks, _ = random_crops(source_train, d.pool, d.crop,
-                                            np.random.default_rng(stream_seed(cfg.seed, "source_crops")))
-    tgt_images, _, _ = random_crops(target_train, d.pool, d.crop,
+                                            np.random.default_rng(stream_seed(cfg.seed, "source_crops")),
+                                            inside_fov=d.crops_inside_fov)
+    tgt_images, _, _ = random_crops(inputs.target_train, d.pool, d.crop,
                                     np.random.default_rng(stream_seed(cfg.seed, "target_crops")))
-    return Data(source_train, target_train, target_test, torch.as_tensor(src_images), torch.as_tensor(src_masks),
-                torch.as_tensor(tgt_images))
+    return Data(source_train, inputs.target_train, inputs.target_test, torch.as_tensor(src_images),
+                torch.as_tensor(src_masks), torch.as_tensor(tgt_images), dict(factors))
 
 
-def describe(data: Data, cfg: RunConfig) -> str:
-    return (f"data: source {len(data.source_train)} images -> {cfg.data.pool} crops of {cfg.data.crop} px; target "
-            f"{len(data.target_train)} train images (unlabelled), {len(data.target_test)} test images")
+def describe(inputs: Inputs, cfg: RunConfig) -> str:
+    n_src = sum(len(v) for v in inputs.sources.values())
+    return (f"data: source {n_src} images ({', '.join(f'{k}: {len(v)}' for k, v in inputs.sources.items())}) -> "
+            f"{cfg.data.pool} crops of {cfg.data.crop} px; target {len(inputs.target_train)} train images "
+            f"(unlabelled), {len(inputs.target_test)} test images")
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, run: RunDir, data: Optional[Data] = None, reuse: Sequence[RunDir] = ()):
+    def __init__(self, cfg: RunConfig, run: RunDir, inputs: Optional[Inputs] = None, reuse: Sequence[RunDir] = ()):
         self.cfg, self.run, self.reuse = cfg, run, list(reuse)
         self.cfg_dict = to_dict(cfg)
-        self.identities: Dict[str, str] = {"data": stage_identity("data", self.cfg_dict, DATA_READS, {})}
+        self.identities: Dict[str, str] = {}
+        self.inputs: Optional[Inputs] = inputs
+        self.data: Optional[Data] = None
         self.device = dist.device(cfg.device)
         self.schedule = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
         self.t0 = t0_index(cfg.diffusion.t0_ratio, cfg.diffusion.ddim_steps)
-        self.data: Optional[Data] = data
         # metrics of earlier runs into this directory: evaluations already done are not repeated
         self.metrics: Dict[str, Dict] = dist.broadcast(dict(report.load_metrics(run).get("target_test", {})))
         self.diagnostics: Dict[str, Dict] = {}
@@ -216,11 +250,15 @@ class Pipeline:
         return self.stage(name, compute, GENERATOR_READS + (f"generator.{steps_key}",), inputs)
 
     def train_segmenter_stage(self, name: str, images, masks, steps_key: str, inputs: Sequence[str],
-                              init: Optional[Dict] = None, calibrate: bool = False, reads: Sequence[str] = ()):
+                              init: Optional[Dict] = None, calibrate: bool = False, reads: Sequence[str] = (),
+                              measure_share: bool = False):
         """A segmenter stage on crops ``images`` / ``masks`` (made from the stages ``inputs``), fine-tuned
-        from ``init`` when given; ``calibrate``: the label-free output calibration afterwards."""
+        from ``init`` when given; ``calibrate``: the label-free output calibration afterwards;
+        ``measure_share``: keep the share of target training pixels it marks (``target_share``)."""
         s, seed = self.cfg.segmenter, self.seed(name)
         steps = getattr(s, steps_key)
+        if calibrate and s.calibrate == "estimate":
+            inputs = tuple(inputs) + ("baseline_histmatch",)
 
         def compute():
             model = self.segmenter(init) if init is not None else None
@@ -231,18 +269,74 @@ class Pipeline:
             prior = self.vessel_prior() if calibrate else None
             if prior is not None:
                 info.update(self.calibrate(model, prior, name))
-            return {"channels": list(s.channels), "model": model.state_dict(), **self.inference_meta(), "_info": info}
+            extra = {}
+            if measure_share:
+                extra["target_share"] = self.target_positive_share(model, name)
+                info["target_share"] = round(extra["target_share"], 5)
+                LOG.info(f"{name}: marks {100 * extra['target_share']:.2f}% of the target training pixels")
+            return {"channels": list(s.channels), "model": model.state_dict(), **self.inference_meta(), **extra,
+                    "_info": info}
         reads = SEGMENTER_READS + (f"segmenter.{steps_key}",) + tuple(reads) + (CALIBRATION_READS if calibrate else ())
         return self.stage(name, compute, reads, inputs)
 
     def vessel_prior(self) -> Optional[float]:
-        """Expected vessel fraction for calibration, from the config or the source masks (no target label)."""
+        """Expected vessel fraction for calibration (no target label): ``estimate``, the share of target
+        training pixels that baseline_histmatch marks; ``source``, the source masks' vessel fraction
+        inside the FOV; a number; or ``none``."""
         c = self.cfg.segmenter.calibrate
         if c == "none":
             return None
+        if c == "estimate":
+            return float(self.target_share)
         if c == "source":
             return float(np.mean([s.mask[s.fov].mean() for s in self.data.source_train]))
         return float(c)
+
+    def target_positive_share(self, model: SegmenterUNet, name: str) -> float:
+        """Share of target training pixels a segmenter marks at the threshold (images only, no labels)."""
+        s = self.cfg.segmenter
+        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision),
+                                [t.image for t in self.inputs.target_train], f"target share {name}")
+        return float(np.mean([(p >= s.threshold).mean() for p in probs]))
+
+    # -- the survey: source rescale factors from the labelled source and the unlabelled target --------
+    def survey_stage(self) -> Dict[str, float]:
+        d = self.cfg.data
+        if d.source_scale is not None:
+            return {folder: float(d.source_scale) for folder in d.source}
+
+        def compute():
+            calibres = {folder: mean_calibre(s.mask for s in self.inputs.sources[folder]) for folder in d.source}
+            res = run_survey(calibres, d.survey_scales, self._probe)
+            LOG.info(f"survey: target calibre {res.target_calibre:.2f} px (source calibres "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in res.source_calibres.items()) + "); rescale factors "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in res.factors.items())
+                     + f"; the probe marks {100 * res.target_share:.1f}% of the target pixels"
+                     + (f" ({res.note})" if res.note else ""))
+            info = {"source_calibres": {k: round(v, 4) for k, v in res.source_calibres.items()},
+                    "target_calibre": round(res.target_calibre, 4), "target_share": round(res.target_share, 5),
+                    "factors": {k: round(v, 4) for k, v in res.factors.items()}, "note": res.note}
+            return {"factors": dict(res.factors), "_info": info}
+        return dict(self.stage("survey", compute, SURVEY_READS, inputs=())["factors"])
+
+    def _probe(self, factor_sets: Sequence[Dict[str, float]]):
+        """Trains one probe on the source at every factor set (an equal share of the crop pool each),
+        histogram-matched to target images, and returns the mean width and the share of what it marks on
+        the target training images."""
+        c, s = self.cfg, self.cfg.segmenter
+        rng = np.random.default_rng(self.seed("survey_crops"))
+        share = max(1, c.data.pool // len(factor_sets))
+        crops = [random_crops(source_at(c, factors), share, c.data.crop, rng, inside_fov=c.data.crops_inside_fov)
+                 for factors in factor_sets]
+        images = torch.as_tensor(np.concatenate([im for im, _, _ in crops]))
+        masks = torch.as_tensor(np.concatenate([m for _, m, _ in crops]))
+        matched = histmatch_crops(images, [t.image for t in self.inputs.target_train], self.seed("survey_histmatch"))
+        model = train_segmenter(matched, masks, c.data.survey_steps, s.batch_size, s.lr, self.seed("survey_probe"),
+                                self.device, s.precision, channels=s.channels, desc="survey probe")
+        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision),
+                                [t.image for t in self.inputs.target_train], "survey")
+        marked = [p >= s.threshold for p in probs]
+        return mean_calibre(marked), float(np.mean([m.mean() for m in marked]))
 
     def calibrate(self, model: SegmenterUNet, prior: float, name: str) -> Dict:
         """Label-free calibration: shift the head's bias so that the share of target-training pixels whose
@@ -284,11 +378,35 @@ class Pipeline:
                                                 "unet_evals": evals}}
         return self.stage(name, compute, SAMPLING_READS + (f"synthesis.{sampler_key}",), inputs)
 
-    def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str) -> List[np.ndarray]:
+    def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str, tta: bool = False) -> List[np.ndarray]:
+        """Probability maps of a saved segmenter; ``tta``: averaged over the 8 flips and 90-degree rotations."""
         s = self.cfg.segmenter
         model = self.segmenter(seg_state)
-        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision), images,
-                               desc)
+        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision, tta),
+                               images, desc)
+
+    def training_set(self, name: str, synth_images: torch.Tensor, synth_masks: torch.Tensor,
+                     matched_source: torch.Tensor, pseudo: Optional[Dict] = None):
+        """What F^k trains on: the synthetic pairs (histogram-matched to target images when
+        ``segmenter.match_synthetic``), plus, as shares of the whole set, histogram-matched source crops
+        (``segmenter.source_mix``) and real target crops with the round's pseudo-labels
+        (``segmenter.self_train``, rounds only)."""
+        s, d = self.cfg.segmenter, self.data
+        images, masks = synth_images, synth_masks
+        if s.match_synthetic:
+            images = histmatch_crops(images, [t.image for t in d.target_train], self.seed(f"{name}_match"))
+        parts = [(images, masks)]
+        rng = np.random.default_rng(self.seed(f"{name}_mix"))
+        extra = [(s.source_mix, matched_source, d.src_masks)]
+        if pseudo is not None:
+            extra.append((s.self_train, pseudo["images"], pseudo["masks"]))
+        total = 1.0 - sum(share for share, _, _ in extra)
+        for share, pool_images, pool_masks in extra:
+            n = int(round(share / total * images.shape[0]))
+            if n > 0:
+                idx = torch.as_tensor(rng.choice(pool_images.shape[0], size=n, replace=n > pool_images.shape[0]))
+                parts.append((pool_images[idx], pool_masks[idx]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def evaluate_on(self, seg_state: Dict, test: List[Sample], desc: str):
         """(summary with per-image metrics, probability maps) of a segmenter on labelled test samples."""
@@ -323,11 +441,26 @@ class Pipeline:
     # -- the method -------------------------------------------------------------------------------
     def run_all(self) -> Dict:
         c = self.cfg
-        if self.data is None:
-            self.data = prepare_data(c)
+        if self.inputs is None:
+            self.inputs = load_inputs(c)
+        factors = self.survey_stage()
+        self.data = build_data(c, self.inputs, factors)
+        self.identities["data"] = stage_identity("data", self.cfg_dict, DATA_READS,
+                                                 {"survey": self.identities.get("survey", "fixed scale")})
         d = self.data
         syn_masks = d.src_masks[: c.data.synth_crops]
         syn_src = d.src_images[: c.data.synth_crops]
+
+        # 0. baselines (same segmenter budget as F^0); baseline_histmatch also measures the share of target
+        # pixels a source-trained segmenter marks, the label-free vessel-fraction estimate for calibration
+        matched = histmatch_crops(d.src_images, [s.image for s in d.target_train], self.seed("histmatch"))
+        hm = self.train_segmenter_stage("baseline_histmatch", matched, d.src_masks, "steps_iter0", ("data",),
+                                        measure_share=True)
+        self.target_share = float(hm["target_share"])
+        if c.baselines:
+            self.evaluate("baseline_histmatch", hm)
+            b = self.train_segmenter_stage("baseline", d.src_images, d.src_masks, "steps_iter0", ("data",))
+            self.evaluate("baseline", b)
 
         # 1. generators
         g_s = self.train_generator_stage("pretrain_source", d.src_images, d.src_masks, "steps_source", ("data",))
@@ -351,42 +484,44 @@ class Pipeline:
                                       ("data", "pretrain_target", "invert"))
         self.diagnose("source", d.src_images)
         self.diagnose("iter0", synth["images"])
-        f = self.train_segmenter_stage("segmenter_0", synth["images"], syn_masks, "steps_iter0",
-                                       ("data", "synthesize_0"), calibrate=True)
+        images, masks = self.training_set("segmenter_0", synth["images"], syn_masks, matched)
+        f = self.train_segmenter_stage("segmenter_0", images, masks, "steps_iter0", ("data", "synthesize_0"),
+                                       calibrate=True, reads=TRAINING_SET_READS)
         if self.run.writer:
             report.save_round_grid(self.run, 0, syn_src, latents, synth["images"], syn_masks, None, None)
         self.evaluate("iter0", f)
 
-        # baselines (same segmenter budget as F^0)
-        if c.baselines:
-            b = self.train_segmenter_stage("baseline", d.src_images, d.src_masks, "steps_iter0", ("data",))
-            self.evaluate("baseline", b)
-            matched = histmatch_crops(d.src_images, [s.image for s in d.target_train], self.seed("histmatch"))
-            b = self.train_segmenter_stage("baseline_histmatch", matched, d.src_masks, "steps_iter0", ("data",))
-            self.evaluate("baseline_histmatch", b)
-
         # 5. co-optimisation rounds
         g_name, f_name = "pretrain_target", "segmenter_0"
+        labeller, labeller_name = f, f_name
+        if c.segmenter.first_labels == "baseline_histmatch":  # the cheap anchor labels round 1
+            labeller, labeller_name = hm, "baseline_histmatch"
         for k in range(1, c.rounds + 1):
-            def pseudo_label(f_prev=f, name=f"pseudo_label_{k}"):
-                probs = self.predict(f_prev, [s.image for s in d.target_train], f"pseudo-label {k}")
+            def pseudo_label(f_prev=labeller, name=f"pseudo_label_{k}"):
+                probs = self.predict(f_prev, [s.image for s in d.target_train], f"pseudo-label {k}",
+                                     tta=c.segmenter.pseudo_tta)
                 labels = [(p >= c.segmenter.threshold).astype(np.uint8) for p in probs]
                 crops, masks, _ = random_crops(
                     [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(d.target_train, labels)],
                     c.data.pool, c.data.crop, np.random.default_rng(self.seed(name)))
                 return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks),
                         "_info": {"vessel_fraction": float(np.mean([lab.mean() for lab in labels]))}}
-            pseudo = self.stage(f"pseudo_label_{k}", pseudo_label, SEGMENTER_READS, ("data", f_name))
+            pseudo = self.stage(f"pseudo_label_{k}", pseudo_label, SEGMENTER_READS + ("segmenter.pseudo_tta",),
+                                ("data", labeller_name))
             g_t = self.train_generator_stage(f"target_generator_{k}", pseudo["images"], pseudo["masks"], "steps_round",
                                              (f"pseudo_label_{k}", g_name), init=g_t)
             synth = self.synthesize_stage(f"synthesize_{k}", g_t, "sampler", latents, True,
                                           ("data", f"target_generator_{k}", "invert"))
             self.diagnose(f"iter{k}", synth["images"], f"pseudo_label_{k}")
             finetune = c.segmenter.finetune
-            f = self.train_segmenter_stage(f"segmenter_{k}", synth["images"], syn_masks, "steps_round",
-                                           ("data", f"synthesize_{k}") + ((f_name,) if finetune else ()),
-                                           init=f if finetune else None, calibrate=True, reads=("segmenter.finetune",))
+            images, masks = self.training_set(f"segmenter_{k}", synth["images"], syn_masks, matched, pseudo)
+            f = self.train_segmenter_stage(f"segmenter_{k}", images, masks, "steps_round",
+                                           ("data", f"synthesize_{k}", f"pseudo_label_{k}")
+                                           + ((f_name,) if finetune else ()),
+                                           init=f if finetune else None, calibrate=True,
+                                           reads=("segmenter.finetune",) + TRAINING_SET_READS)
             g_name, f_name = f"target_generator_{k}", f"segmenter_{k}"
+            labeller, labeller_name = f, f_name
             if self.run.writer:
                 report.save_round_grid(self.run, k, syn_src, latents, synth["images"], syn_masks, pseudo["images"],
                                        pseudo["masks"])
@@ -425,7 +560,7 @@ def evaluate_run(run_dir: str, target_test: Optional[str] = None, precision: str
     if warning:
         LOG.warning(warning)
     pipe = Pipeline(cfg, run)
-    test = load_samples([cfg.data.target_test or cfg.data.target], "target", "test", True, cfg, cfg.seed)
+    test = load_samples([cfg.data.target_test or cfg.data.target], "target", "test", True, cfg)
     out = {}
     for stage in run.stages():
         if stage.startswith(SEGMENTER_STAGES) and run.is_done(stage):
@@ -454,7 +589,7 @@ def run_pipeline(cfg: RunConfig, out: str, reuse: Sequence[str] = ()) -> Dict:
     dist.per_rank_batch(cfg.generator.batch_size, "generator.batch_size")
     dist.per_rank_batch(cfg.segmenter.batch_size, "segmenter.batch_size")
     reuse_dirs = open_reuse(reuse, out)
-    data = prepare_data(cfg)
+    inputs = load_inputs(cfg)
     run = RunDir(out, writer=dist.is_main())
     precision, precision_warning = settle_precision(cfg, dist.broadcast(run.saved_config()))
     resuming = dist.run_on_main(lambda: run.open(dump(cfg)))
@@ -469,9 +604,9 @@ def run_pipeline(cfg: RunConfig, out: str, reuse: Sequence[str] = ()) -> Dict:
                  f"{where}, allocator {allocator.current()}, {precision})")
         if precision_warning:
             LOG.warning(precision_warning)
-        LOG.info(describe(data, cfg))
+        LOG.info(describe(inputs, cfg))
         if reuse_dirs:
             LOG.info(f"reusing finished stages of the same identity from {', '.join(str(r.root) for r in reuse_dirs)}")
-        return Pipeline(cfg, run, data, reuse_dirs).run_all()
+        return Pipeline(cfg, run, inputs, reuse_dirs).run_all()
     finally:
         run.close()

@@ -56,6 +56,18 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
 
 
 def predict_probs(model: SegmenterUNet, image: np.ndarray, tile: int = 256, stride: int = 128, device: str = "cpu",
-                  precision: str = "auto") -> np.ndarray:
-    """Vessel probability map [H, W] of one preprocessed image [H, W] (sliding window, channels_last)."""
-    return sliding_window_probs(torch_batch_fn(model, device, precision, channels_last=True), image, tile, stride)
+                  precision: str = "auto", tta: bool = False) -> np.ndarray:
+    """Vessel probability map [H, W] of one preprocessed image [H, W] (sliding window, channels_last);
+    ``tta``: the mean over the 8 flips / 90-degree rotations of the image (each mapped back)."""
+    fn = torch_batch_fn(model, device, precision, channels_last=True)
+    if not tta:
+        return sliding_window_probs(fn, image, tile, stride)
+    total = np.zeros(image.shape, np.float64)
+    for k in range(4):
+        for flip in (False, True):
+            view = np.rot90(image, k)
+            view = view[:, ::-1] if flip else view
+            p = sliding_window_probs(fn, np.ascontiguousarray(view), tile, stride)
+            p = p[:, ::-1] if flip else p
+            total += np.rot90(p, -k)
+    return (total / 8).astype(np.float32)

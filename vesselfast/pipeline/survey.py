@@ -1,0 +1,55 @@
+"""The survey: how much to rescale each source so that its vessels are as wide as the target's, estimated
+from the labelled source and the *unlabelled* target images, before anything else is trained.
+
+Vessel calibre in pixels differs between datasets by field of view, resolution and what their annotators
+called a vessel (DRIVE's labelled vessels are 2.7 px wide on average at its native size, CHASE_DB1's
+5.6 px), and a segmenter trained at the wrong calibre marks structures of the wrong size (on OCTA: the
+capillary mesh, or only the widest vessels). Nothing here is a constant for a dataset:
+
+1. Each source folder's calibre ``c_d`` is measured on its own labels (mean width = area / skeleton
+   length, vesselfast.data.calibre) and the folders are brought to a common calibre ``c_ref = min_d c_d``.
+2. A *scale-agnostic* probe segmenter is trained on those source crops at several scales at once
+   (``data.survey_scales``, default 0.5x to 2x of ``c_ref``), histogram-matched to target images (the cheap
+   ``baseline_histmatch`` recipe). Having seen vessels of every width, it marks the target's vessels at
+   their own width instead of the one it learned.
+3. The target calibre ``c_T`` is the mean width of what the probe marks on the target training images;
+   folder d is rescaled by ``c_T / c_d``. Everything is logged and kept in stages.json.
+
+Measured on DRIVE + CHASE_DB1 -> OCTA-500 3M (docs/DATA.md): a probe trained at one scale only drifts
+towards the calibre it learned (its target widths followed the source scale with slope ~0.9), which is
+why the probe sees several; the probe's widths on the *source* are not comparable to the source labels
+(fundus labels include faint thin vessels a histogram-matched segmenter misses, so its source predictions
+are 1.3x wider on average), which is why the comparison is target prediction against source label.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
+
+
+@dataclass
+class SurveyResult:
+    source_calibres: Dict[str, float]   # folder -> mean labelled width at its native size
+    reference_calibre: float            # c_ref: the common calibre the probe's scales are relative to
+    target_calibre: float               # c_T: mean width of what the probe marks on the target images
+    target_share: float                 # share of target pixels the probe marks (logged)
+    factors: Dict[str, float]           # folder -> c_T / c_d
+    note: str = ""
+
+
+def run_survey(source_calibres: Dict[str, float], scales: Sequence[float],
+               probe: Callable[[Sequence[Dict[str, float]]], Tuple[float, float]]) -> SurveyResult:
+    """``probe(list of per-folder factor dicts)`` trains one probe on the source at every factor set of
+    the list and returns (mean width, share) of what it marks on the target images."""
+    bad = [f"{d} ({c})" for d, c in source_calibres.items() if not (c > 0)]
+    if bad:
+        raise ValueError(f"no labelled vessels to measure the calibre of {', '.join(bad)}")
+    c_ref = min(source_calibres.values())
+    factor_sets = [{d: m * c_ref / c for d, c in source_calibres.items()} for m in scales]
+    width, share = probe(factor_sets)
+    note = ""
+    if math.isnan(width) or not width > 0:
+        width, note = c_ref, "the probe marked no vessel on the target images: sources kept at the common calibre"
+    return SurveyResult(dict(source_calibres), c_ref, width, share,
+                        {d: width / c for d, c in source_calibres.items()}, note)
