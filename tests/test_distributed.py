@@ -24,7 +24,7 @@ from vesselfast.pipeline import dist
 from vesselfast.testhooks import state_hash
 
 TIMEOUT = 300
-TRAINED_OR_COMPUTED = ("pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "baseline",
+TRAINED_OR_COMPUTED = ("survey", "pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "baseline",
                        "baseline_histmatch", "pseudo_label_1", "target_generator_1", "synthesize_1", "segmenter_1")
 
 

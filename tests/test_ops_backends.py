@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before vesselfast.kernels is imported anywhere
+os.environ.setdefault("TRITON_INTERPRET", "1")  # also set in conftest.py, before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
