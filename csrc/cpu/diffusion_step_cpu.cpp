@@ -113,21 +113,11 @@ void diffusion_step_into(const at::Tensor& x, const at::Tensor& eps, const at::T
   }
 }
 
-const at::Tensor* check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
-                                    const c10::optional<at::Tensor>& noise) {
-  check_float_input(x, "x");
-  check_like(eps, x, "eps");
-  check_coef(coef, x, kNumStepCoef);
-  const bool has_noise = noise.has_value() && noise->defined();
-  if (has_noise) check_like(*noise, x, "noise");
-  return has_noise ? &*noise : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(const at::Tensor& x, const at::Tensor& eps,
                                                       const at::Tensor& coef,
                                                       const c10::optional<at::Tensor>& noise, bool clip,
                                                       bool need_x0) {
-  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  const at::Tensor* z = check_step_inputs(x, eps, coef, noise, kNumStepCoef);
   at::Tensor out = at::empty_like(x);
   at::Tensor x0 = need_x0 ? at::empty_like(x) : at::empty({0}, x.options());
   diffusion_step_into(x, eps, coef, z, clip, out, x0, need_x0);
@@ -138,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(const at::Tensor& x, const
 // (and, under glibc malloc, page-faulting in) a fresh output every step.
 void diffusion_step_out_cpu(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
                             const c10::optional<at::Tensor>& noise, bool clip, at::Tensor& out) {
-  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  const at::Tensor* z = check_step_inputs(x, eps, coef, noise, kNumStepCoef);
   check_out(out, x, {&x, &eps, z});
   at::Tensor unused;
   diffusion_step_into(x, eps, coef, z, clip, out, unused, false);

@@ -30,15 +30,10 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "vesselfast: ", what, " kernel launch failed: ", cudaGetErrorString(err));
 }
 
-const at::Tensor* check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
-                                    const c10::optional<at::Tensor>& noise) {
+const at::Tensor* check_cuda_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                                         const c10::optional<at::Tensor>& noise) {
   check_cuda(x, "x");
-  check_float_input(x, "x");
-  check_like(eps, x, "eps");
-  check_coef(coef, x, kNumStepCoef);
-  const bool has_noise = noise.has_value() && noise->defined();
-  if (has_noise) check_like(*noise, x, "noise");
-  return has_noise ? &*noise : nullptr;
+  return check_step_inputs(x, eps, coef, noise, kNumStepCoef);
 }
 
 void diffusion_step_into(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef, const at::Tensor* z,
@@ -59,7 +54,7 @@ void diffusion_step_into(const at::Tensor& x, const at::Tensor& eps, const at::T
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
                                                        const at::Tensor& coef, const c10::optional<at::Tensor>& noise,
                                                        bool clip, bool need_x0) {
-  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  const at::Tensor* z = check_cuda_step_inputs(x, eps, coef, noise);
   at::Tensor out = at::empty_like(x);
   at::Tensor x0 = need_x0 ? at::empty_like(x) : at::empty({0}, x.options());
   diffusion_step_into(x, eps, coef, z, clip, out, need_x0 ? x0.data_ptr() : nullptr);
@@ -68,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(const at::Tensor& x, cons
 
 void diffusion_step_out_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
                              const c10::optional<at::Tensor>& noise, bool clip, at::Tensor& out) {
-  const at::Tensor* z = check_step_inputs(x, eps, coef, noise);
+  const at::Tensor* z = check_cuda_step_inputs(x, eps, coef, noise);
   check_out(out, x, {&x, &eps, z});
   diffusion_step_into(x, eps, coef, z, clip, out, nullptr);
 }

@@ -34,6 +34,18 @@ inline void check_coef(const at::Tensor& coef, const at::Tensor& x, int64_t ncoe
               "vesselfast: coef must be a contiguous float32 [B, ", ncoef, "] tensor on ", x.device());
 }
 
+// The generic step's inputs: x, eps and the optional noise alike, coef a float32 [B, ncoef] table.
+// Returns the noise tensor, or nullptr when there is none.
+inline const at::Tensor* check_step_inputs(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                                           const c10::optional<at::Tensor>& noise, int64_t ncoef) {
+  check_float_input(x, "x");
+  check_like(eps, x, "eps");
+  check_coef(coef, x, ncoef);
+  const bool has_noise = noise.has_value() && noise->defined();
+  if (has_noise) check_like(*noise, x, "noise");
+  return has_noise ? &*noise : nullptr;
+}
+
 // `out` of an out= op: like `ref`, and sharing no memory with any input (the kernels read their inputs
 // through restrict pointers while writing `out`).
 inline void check_out(const at::Tensor& out, const at::Tensor& ref, std::initializer_list<const at::Tensor*> inputs) {
