@@ -274,3 +274,14 @@ def test_diagnostics_per_round(tiny_run):
 def test_reuse_errors(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--reuse", str(tmp_path / "nothing")]) == 2
     assert "--reuse" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_calibrate_accepts_a_number_from_the_command_line():
+    """--set segmenter.calibrate=0.07 (YAML reads a float) is the documented fixed vessel fraction."""
+    from vesselfast.pipeline.run import Pipeline
+
+    cfg = resolve("tiny", sets=["segmenter.calibrate=0.07"])
+    assert cfg.segmenter.calibrate == "0.07"
+    assert Pipeline(cfg, RunDir("unused")).vessel_prior() == pytest.approx(0.07)
+    with pytest.raises(UserError, match="segmenter.calibrate=.*vessel fraction in \\(0, 1\\)"):
+        resolve("tiny", sets=["segmenter.calibrate=1.5"])
