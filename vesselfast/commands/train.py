@@ -2,8 +2,10 @@
 
 
 def add_arguments(p):
+    from vesselfast.pipeline.config import PRESETS
+
     p.add_argument("--config", help="YAML file with config keys (docs/PIPELINE.md lists them); applied after the preset")
-    p.add_argument("--preset", help="tiny | quick | real-cpu | paper (default: quick, or the config file's)")
+    p.add_argument("--preset", help=f"{' | '.join(PRESETS)} (default: quick, or the config file's)")
     p.add_argument("--source", nargs="+", metavar="PATH", help="labelled fundus folder(s), or 'builtin'")
     p.add_argument("--target", metavar="PATH", help="OCTA folder (training split images; labels are never read)")
     p.add_argument("--target-test", metavar="PATH", help="OCTA folder for evaluation (default: --target's test split)")

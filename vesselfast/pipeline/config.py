@@ -138,6 +138,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "generator": {"steps_source": 2500, "steps_target": 2500, "steps_round": 600},
         "segmenter": {"steps_iter0": 1500, "steps_round": 400},
     },
+    # A few minutes on one GPU (H200-class): DRIVE + CHASE_DB1 -> OCTA-500 3M with 128 px crops, a wider
+    # generator and bigger batches (scripts/device_check.sh runs it; docs/GPU.md).
+    "gpu-short": {
+        "device": "cuda", "rounds": 2, "ckpt_every": 500,
+        "data": {"crop": 128, "pool": 2048, "synth_crops": 512, "survey_steps": 400},
+        "generator": {"base_channels": 64, "channel_mult": [1, 2, 2, 4], "num_res_blocks": 1, "batch_size": 32,
+                      "steps_source": 1500, "steps_target": 1500, "steps_round": 400},
+        "synthesis": {"batch_size": 128},
+        "segmenter": {"steps_iter0": 1500, "steps_round": 400, "batch_size": 32, "tile": 256, "stride": 128},
+    },
     # The paper's settings, for GPUs.
     "paper": {
         "device": "cuda", "rounds": 6, "ckpt_every": 1000,
