@@ -68,7 +68,9 @@ class GeneratorTrainConfig:
 
 @dataclass
 class SynthesisConfig:
-    sampler: str = "ddim_latent"   # see SAMPLERS; the reference code used ddpm_noise in the rounds
+    # Rounds k >= 1: see SAMPLERS. ddim_noise (50 DDIM steps from noise, conditioned on the source masks)
+    # beat ddim_latent on real data (docs/PIPELINE.md, ablation); the reference code used ddpm_noise.
+    sampler: str = "ddim_noise"
     sampler_iter0: str = "ddim_latent"  # iter-0 synthesis from the inversion latents: ddim_latent | ddpm_latent
     ddim_steps: int = 50           # for ddim_noise
     batch_size: int = 16
@@ -88,14 +90,15 @@ class SegmenterConfig:
     stride: int = 64
     threshold: float = 0.5
     # Label-free calibration of F^k: shift the output bias so that the share of target-training pixels
-    # at or above `threshold` equals a vessel-fraction prior. "source": the source masks' vessel
-    # fraction inside the FOV; "none": off; or a number in (0, 1).
-    calibrate: str = "source"
+    # at or above `threshold` equals a vessel-fraction prior. "estimate": the share of target-training
+    # pixels that baseline_histmatch marks (measured per run, no label read); "source": the source masks'
+    # vessel fraction inside the FOV; "none": off; or a number in (0, 1).
+    calibrate: str = "estimate"
     # What F^k trains on besides the synthetic pairs (docs/PIPELINE.md, ablation): histogram-match the
     # synthetic images to target images; shares of the training set made of histogram-matched source
     # crops and of real target crops with the round's pseudo-labels (rounds only).
     match_synthetic: bool = False
-    source_mix: float = 0.0
+    source_mix: float = 0.25       # 0.25 beat 0.0 on real data (docs/PIPELINE.md, ablation)
     self_train: float = 0.0
     pseudo_tta: bool = False        # pseudo-labels averaged over the 8 flips / rotations
     first_labels: str = "segmenter_0"  # who labels round 1: segmenter_0 (the paper) | baseline_histmatch
