@@ -285,3 +285,26 @@ def test_calibrate_accepts_a_number_from_the_command_line():
     assert Pipeline(cfg, RunDir("unused")).vessel_prior() == pytest.approx(0.07)
     with pytest.raises(UserError, match="segmenter.calibrate=.*vessel fraction in \\(0, 1\\)"):
         resolve("tiny", sets=["segmenter.calibrate=1.5"])
+
+
+def test_estimated_prior_is_capped_at_the_source_fraction(tiny_run):
+    """calibrate=estimate takes baseline_histmatch's target share, but never more than the source masks'
+    vessel fraction (segmenter.estimate_cap), which a share inflated by unlabelled capillaries exceeds."""
+    import dataclasses
+
+    import numpy as np
+
+    from vesselfast.pipeline.run import Pipeline, build_data, load_inputs
+
+    cfg = resolve("tiny")
+    pipe = Pipeline(cfg, RunDir(tiny_run), load_inputs(cfg))
+    pipe.data = build_data(cfg, pipe.inputs, {f: 1.0 for f in cfg.data.source})
+    source = float(np.mean([s.mask[s.fov].mean() for s in pipe.data.source_train]))
+    assert 0 < source < 0.5
+    pipe.target_share = 0.9
+    assert pipe.vessel_prior() == pytest.approx(source)
+    pipe.target_share = source / 3
+    assert pipe.vessel_prior() == pytest.approx(source / 3)
+    pipe.cfg = dataclasses.replace(cfg, segmenter=dataclasses.replace(cfg.segmenter, estimate_cap=False))
+    pipe.target_share = 0.9
+    assert pipe.vessel_prior() == pytest.approx(0.9)

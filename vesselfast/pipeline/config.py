@@ -94,6 +94,7 @@ class SegmenterConfig:
     # pixels that baseline_histmatch marks (measured per run, no label read); "source": the source masks'
     # vessel fraction inside the FOV; "none": off; or a number in (0, 1).
     calibrate: str = "estimate"
+    estimate_cap: bool = True      # "estimate" is at most the source masks' vessel fraction (run.py, vessel_prior)
     # What F^k trains on besides the synthetic pairs (docs/PIPELINE.md, ablation): histogram-match the
     # synthetic images to target images; shares of the training set made of histogram-matched source
     # crops and of real target crops with the round's pseudo-labels (rounds only).
@@ -132,8 +133,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "segmenter": {"channels": [8, 16, 32], "steps_iter0": 12, "steps_round": 6, "batch_size": 4, "tile": 64,
                       "stride": 32},
     },
-    # Built-in synthetic data on a 2-core CPU in about 10 minutes.
-    "quick": {},
+    # Built-in synthetic data on a 2-core CPU in under 10 minutes (docs/PIPELINE.md): a shorter survey
+    # and 25-step ddim_noise synthesis in the rounds keep it there.
+    "quick": {"data": {"survey_steps": 300}, "synthesis": {"ddim_steps": 25}},
     # Fundus (DRIVE + CHASE_DB1) -> OCTA-500 3M on a 2-core CPU in under an hour.
     "real-cpu": {
         "rounds": 3,
