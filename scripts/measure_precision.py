@@ -16,6 +16,31 @@ import torch
 from _timing import median_ms
 
 
+def generator_step(prec, channels_last, sched, x0, mask):
+    """One generator training step (forward, weighted loss, backward, AdamW) in a given memory format:
+    train_generator itself always trains in NCHW, so the comparison needs its own step."""
+    from vesselfast.models import autocast
+    from vesselfast.ops import vessel_noise_loss
+    from vesselfast.pipeline.config import GeneratorTrainConfig
+    from vesselfast.pipeline.generative import build_generator
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_generator(GeneratorTrainConfig(), 0).train().to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), 2e-4)
+
+    def step():
+        t = torch.randint(0, sched.T, (x0.shape[0],))
+        noise = torch.randn_like(x0)
+        with autocast("cpu", prec):
+            eps = model(sched.q_sample(x0, t, noise).contiguous(memory_format=fmt), t,
+                        mask.contiguous(memory_format=fmt))
+        loss = vessel_noise_loss(noise, eps.float(), mask).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
 def main() -> int:
     from vesselfast import hardware
     from vesselfast.diffusion import NoiseSchedule
@@ -36,6 +61,9 @@ def main() -> int:
         model = build_generator(gcfg, 0)
         ms = median_ms(lambda: train_generator(model, imgs, masks, 2, gcfg, sched, 0), n=3) / 2
         print(f"{prec} generator training step (batch 8, 64 px, NCHW): {ms:.1f} ms")
+        for cl in (False, True):
+            print(f"{prec} generator training step, hand-rolled (batch 8, {'channels_last' if cl else 'NCHW'}): "
+                  f"{median_ms(generator_step(prec, cl, sched, imgs[:8], masks[:8]), n=7, warm=2):.1f} ms")
         for cl in (False, True):
             net = to_memory_format(build_generator(GeneratorTrainConfig(), 0).eval(), cl)
             x = imgs[:16].contiguous(memory_format=torch.channels_last) if cl else imgs[:16]
