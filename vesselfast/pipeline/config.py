@@ -133,9 +133,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "segmenter": {"channels": [8, 16, 32], "steps_iter0": 12, "steps_round": 6, "batch_size": 4, "tile": 64,
                       "stride": 32},
     },
-    # Built-in synthetic data on a 2-core CPU in under 10 minutes (docs/PIPELINE.md): a shorter survey
-    # and 25-step ddim_noise synthesis in the rounds keep it there.
-    "quick": {"data": {"survey_steps": 300}, "synthesis": {"ddim_steps": 25}},
+    # Built-in synthetic data on a 2-core CPU in under 10 minutes with native bf16, under 20 in fp32 on an
+    # AVX2-only CPU (docs/PIPELINE.md): a shorter survey, 25-step ddim_noise synthesis in the rounds and
+    # generator budgets of 850 / 250 steps (the generators are half of the time).
+    "quick": {"data": {"survey_steps": 300}, "synthesis": {"ddim_steps": 25},
+              "generator": {"steps_source": 850, "steps_target": 850, "steps_round": 250}},
     # Fundus (DRIVE + CHASE_DB1) -> OCTA-500 3M on a 2-core CPU in under an hour.
     "real-cpu": {
         "rounds": 3,
