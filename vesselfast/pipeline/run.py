@@ -232,6 +232,13 @@ class Pipeline:
         bar.close()
         return dist.gather(out)
 
+    def model_probs(self, model: SegmenterUNet, images: List[np.ndarray], desc: str,
+                    tta: bool = False) -> List[np.ndarray]:
+        """Probability maps of a segmenter on ``images`` with the run's tiling and precision (sharded)."""
+        s = self.cfg.segmenter
+        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision, tta),
+                               images, desc)
+
     # -- stages -----------------------------------------------------------------------------------
     def train_generator_stage(self, name: str, images, masks, steps_key: str, inputs: Sequence[str],
                               init: Optional[Dict] = None):
@@ -308,10 +315,8 @@ class Pipeline:
 
     def target_positive_share(self, model: SegmenterUNet, name: str) -> float:
         """Share of target training pixels a segmenter marks at the threshold (images only, no labels)."""
-        s = self.cfg.segmenter
-        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision),
-                                [t.image for t in self.inputs.target_train], f"target share {name}")
-        return float(np.mean([(p >= s.threshold).mean() for p in probs]))
+        probs = self.model_probs(model, [t.image for t in self.inputs.target_train], f"target share {name}")
+        return float(np.mean([(p >= self.cfg.segmenter.threshold).mean() for p in probs]))
 
     # -- the survey: source rescale factors from the labelled source and the unlabelled target --------
     def survey_stage(self) -> Dict[str, float]:
@@ -347,8 +352,7 @@ class Pipeline:
         matched = histmatch_crops(images, [t.image for t in self.inputs.target_train], self.seed("survey_histmatch"))
         model = train_segmenter(matched, masks, c.data.survey_steps, s.batch_size, s.lr, self.seed("survey_probe"),
                                 self.device, s.precision, channels=s.channels, desc="survey probe")
-        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision),
-                                [t.image for t in self.inputs.target_train], "survey")
+        probs = self.model_probs(model, [t.image for t in self.inputs.target_train], "survey")
         marked = [p >= s.threshold for p in probs]
         return mean_calibre(marked), float(np.mean([m.mean() for m in marked]))
 
@@ -358,8 +362,7 @@ class Pipeline:
         uncalibrated F^0 marked 28% of pixels as vessel (capillaries included) and every round's
         pseudo-labels taught the next generator the same (docs/PIPELINE.md)."""
         s = self.cfg.segmenter
-        probs = self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision),
-                                [t.image for t in self.data.target_train], f"calibrate {name}")
+        probs = self.model_probs(model, [t.image for t in self.data.target_train], f"calibrate {name}")
         p = np.clip(np.concatenate([q.ravel() for q in probs]).astype(np.float64), 1e-7, 1 - 1e-7)
         logits = np.log(p) - np.log1p(-p)
         before = float((p >= s.threshold).mean())
@@ -394,10 +397,7 @@ class Pipeline:
 
     def predict(self, seg_state: Dict, images: List[np.ndarray], desc: str, tta: bool = False) -> List[np.ndarray]:
         """Probability maps of a saved segmenter; ``tta``: averaged over the 8 flips and 90-degree rotations."""
-        s = self.cfg.segmenter
-        model = self.segmenter(seg_state)
-        return self.map_images(lambda im: predict_probs(model, im, s.tile, s.stride, self.device, s.precision, tta),
-                               images, desc)
+        return self.model_probs(self.segmenter(seg_state), images, desc, tta)
 
     def training_set(self, name: str, synth_images: torch.Tensor, synth_masks: torch.Tensor,
                      matched_source: torch.Tensor, pseudo: Optional[Dict] = None):
