@@ -1,4 +1,4 @@
-"""``vesselfast`` command line: ``info | train | eval | segment | export | bench | data``.
+"""``vesselfast`` command line: ``info | train | eval | segment | measure | export | bench | data``.
 
 Each sub-command lives in ``vesselfast/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``: a small entry function that calls plain library functions. Modules are imported
@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "evaluate a run's saved segmenters on target test images",
     "compare": "put runs' metrics side by side, with what each run changed",
     "segment": "segment images with a trained model",
+    "measure": "vessel biomarkers (density, calibre, fractal dimension, branches) of binary masks to a CSV",
     "export": "export a trained segmenter to ONNX / TensorRT",
     "bench": "throughput benchmarks (pytest-benchmark) and regression check",
     "data": "synthesise the built-in data set or check a data folder",
