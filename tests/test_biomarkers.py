@@ -145,7 +145,8 @@ def test_empty_mask():
 
 @pytest.fixture
 def mask_folder(tmp_path):
-    """Three masks in three formats: 8-bit PNG 0/255, BMP 0/255, 16-bit PNG 0/1 (plus a non-image file)."""
+    """Five masks: 8-bit PNG 0/255, BMP 0/255, 16-bit PNGs 0/1 (one empty), a 16-bit TIFF 0/65535, and a
+    file that is not an image (skipped)."""
     folder = tmp_path / "masks"
     folder.mkdir()
     y = drawn((96, 96), [(48, 48, 5, 48), (48, 48, 90, 10), (48, 48, 90, 86)], width=3)
@@ -154,9 +155,10 @@ def mask_folder(tmp_path):
     cv2.imwrite(str(folder / "b_bar.bmp"), bar.astype(np.uint8) * 255)
     cv2.imwrite(str(folder / "c_empty16.png"), np.zeros((32, 32), np.uint16))
     cv2.imwrite(str(folder / "d_bar16.png"), bar.astype(np.uint16))
+    cv2.imwrite(str(folder / "e_y16.tif"), y.astype(np.uint16) * 65535)
     (folder / "notes.txt").write_text("not an image")
     return folder, {"a_y.png": y, "b_bar.bmp": bar, "c_empty16.png": np.zeros((32, 32), bool),
-                    "d_bar16.png": bar}
+                    "d_bar16.png": bar, "e_y16.tif": y}
 
 
 def _read_csv(path):
@@ -169,7 +171,7 @@ def test_measure_command_writes_one_row_per_mask(mask_folder, tmp_path, capsys):
     out = tmp_path / "bio.csv"
     assert main(["measure", str(folder), "--pixel-size", "10", "--csv", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "4 masks" in printed and "skeleton_density_per_mm" in printed
+    assert "5 masks" in printed and "skeleton_density_per_mm" in printed
     rows = _read_csv(out)
     assert list(rows[0]) == ["image", "height_px", "width_px", "pixel_size_um", "vessel_area_density",
                              "vessel_area_mm2", "skeleton_length_mm", "skeleton_density_per_mm",
