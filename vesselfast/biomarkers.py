@@ -98,7 +98,7 @@ def fractal_dimension(mask: np.ndarray) -> float:
     return float(slope)
 
 
-def branch_statistics(skel: np.ndarray, pixel_size_um: Optional[float] = None) -> Dict[str, float]:
+def branch_statistics(skel: np.ndarray) -> Dict[str, float]:
     """Branch statistics of a skeleton (bool [H, W], e.g. from :func:`skeleton`), computed by skan.
 
     skan (``skan.Skeleton`` / ``skan.summarize``) turns the skeleton pixels into a graph (8-connected
