@@ -25,7 +25,7 @@ import torch
 
 from conftest import QUICK, bench_device, bench_sizes, record, rounds_for, timed, with_compile
 
-from vesselfast import _ext, ops
+from vesselfast import ops
 from vesselfast.ops import diffusion_step as ds
 from vesselfast.ops.registry import backend_unavailable_reason
 
@@ -63,7 +63,6 @@ def _inputs(numel, seed=0):
 def _step_callable(op, impl, numel):
     x, eps, z, ab_t, ab_prev20, ab_next20, ab_prev1 = _inputs(numel)
     if impl.endswith("-kernel"):  # the compiled op alone, coefficient table computed once
-        _ext.load()
         coef = {"ddim_step": lambda: ds.ddim_coefficients(ab_t, ab_prev20, 0.0),
                 "ddim_inverse_step": lambda: ds.ddim_inverse_coefficients(ab_t, ab_next20),
                 "ddpm_step": lambda: ds.ddpm_coefficients(ab_t, ab_prev1, "fixed_large")}[op]()
@@ -97,7 +96,6 @@ def _loss_callable(impl, numel):
     w = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.2).float().to(DEVICE)
     g = torch.full((BATCH,), 1.0 / BATCH, device=DEVICE)
     if impl.endswith("-kernel"):  # forward + backward kernels, no autograd
-        _ext.load()
         e, h = eps.contiguous(), hat.detach()
 
         def raw():

@@ -84,7 +84,6 @@ def test_loss_forward_backward_match_float64(backend):
 
 
 def test_compile_fullgraph_on_gpu_equals_eager():
-    _ext.load()
     x, eps, z, t = _inputs(torch.float32, seed=5)
     x, eps, z = x.to(DEV), eps.to(DEV), z.to(DEV)
     coef = ds.ddim_coefficients(_abar()[t], _abar()[(t - 20).clamp(min=0)], 0.3).to(DEV)

@@ -1,5 +1,5 @@
 """The compiled ops as real torch ops: schemas, fake (meta) kernels and autograd registered
-(vesselfast/ops/library.py), checked by ``torch.library.opcheck``, by ``torch.compile(fullgraph=True)``
+(by each op's module under vesselfast/ops/, at import), checked by ``torch.library.opcheck``, by ``torch.compile(fullgraph=True)``
 over a function calling every op (result equal to eager), and by gradients against the reference."""
 import pytest
 import torch
@@ -8,7 +8,6 @@ from vesselfast import _ext, ops
 from vesselfast.ops import diffusion_step as ds
 
 pytestmark = pytest.mark.skipif(not _ext.cpu_built(), reason="vesselfast._C not built (VESSELFAST_NO_EXT)")
-_ext.load()
 OPS = torch.ops.vesselfast
 
 

@@ -1,27 +1,31 @@
-"""Loading of the compiled extension ``vesselfast._C``, once, with the reason when it is missing."""
-import functools
+"""The compiled extension ``vesselfast._C``, imported once, when this module is first imported.
 
+Importing ``_C`` defines the ops ``torch.ops.vesselfast.*`` (schemas and device kernels, csrc/); each op
+module of :mod:`vesselfast.ops` then registers their fake kernels and autograd at its own import. The
+outcome is kept as plain module state (:data:`MODULE`, :data:`ERROR`), so that asking whether the
+extension is there is a constant lookup, also for ``torch.compile``. A build without the extension
+(``VESSELFAST_NO_EXT=1``, or a failed build) leaves :data:`MODULE` None and the ops on their torch backend.
+"""
 import torch  # noqa: F401  (must be imported first: _C links against libtorch/libc10)
 
+try:
+    from vesselfast import _C as MODULE
+    ERROR = ""
+except ImportError as exc:
+    MODULE = None
+    ERROR = (f"the compiled extension vesselfast._C is not importable ({exc}); "
+             "reinstall without VESSELFAST_NO_EXT, e.g. `pip install -e .`")
+CUDA_BUILT = bool(MODULE is not None and MODULE.built_with_cuda())
 
-@functools.lru_cache(maxsize=None)
+
 def load():
     """Returns (module or None, reason string when None)."""
-    try:
-        from vesselfast import _C
-    except ImportError as exc:
-        return None, (f"the compiled extension vesselfast._C is not importable ({exc}); "
-                      "reinstall without VESSELFAST_NO_EXT, e.g. `pip install -e .`")
-    from vesselfast.ops.library import register
-
-    register()  # fake kernels and autograd of torch.ops.vesselfast.*
-    return _C, ""
+    return MODULE, ERROR
 
 
 def cpu_built() -> bool:
-    return load()[0] is not None
+    return MODULE is not None
 
 
 def cuda_built() -> bool:
-    mod, _ = load()
-    return bool(mod is not None and mod.built_with_cuda())
+    return CUDA_BUILT

@@ -7,6 +7,11 @@ Each public function (1) computes its per-sample coefficients in float64 from th
 The ``*_reference`` functions beside them are the spec, written straight from docs/METHOD.md (sections 4-5);
 they are the ``torch`` backend and what tests and benchmarks compare against.
 
+This module holds the whole op on the Python side: the reference, the coefficient tables, the fake
+kernels and the autograd formula of the compiled ops ``torch.ops.vesselfast.diffusion_step`` and
+``diffusion_step_out`` (registered at import when the extension is built; schemas and device kernels in
+csrc/, the Triton kernel in kernels/diffusion_step.py), the backends and the three public functions.
+
 Shapes: x_t, eps, noise are [B, ...] (any trailing shape, NCHW in practice); alpha_bar_* are [B] tensors
 or Python floats (broadcast to the batch). Non-contiguous inputs are copied to contiguous ones.
 Kernels accumulate in float32 for float32/bfloat16/float16 inputs; the reference computes in the
@@ -19,6 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from vesselfast import _ext
 from vesselfast.ops.registry import new_op
 
 Abar = Union[float, torch.Tensor]
@@ -131,6 +137,71 @@ def ddpm_coefficients(abar_t, abar_prev, variance: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The compiled ops torch.ops.vesselfast.diffusion_step / diffusion_step_out (csrc/): fake kernels,
+# so torch.compile and torch.export trace calls without running them, and the autograd formula.
+# ----------------------------------------------------------------------------------------------
+def _fake_step(x, eps, coef, noise, clip: bool, need_x0: bool):
+    """Output metadata of ``diffusion_step``: (out like x, x0 like x or an empty tensor)."""
+    return torch.empty_like(x), (torch.empty_like(x) if need_x0 else x.new_empty(0))
+
+
+def _fake_step_out(x, eps, coef, noise, clip: bool, out) -> None:
+    """``diffusion_step_out`` writes into ``out`` and returns nothing."""
+    return None
+
+
+def _diffusion_step_grads(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip: bool,
+                         grad_out: Optional[torch.Tensor], grad_x0: Optional[torch.Tensor]):
+    """Gradients of out = a x0 + b (cx x - x0)/ce + d x + s z and of x0 = clip(cx x - ce eps) w.r.t. x,
+    eps and z, in float32 (the kernels' arithmetic), from the saved inputs.
+
+    :param x: an [N x ...] Tensor, x_t.
+    :param eps: an [N x ...] Tensor like x.
+    :param coef: an [N x 6] float32 Tensor, per-sample (cx, ce, a, b, d, s).
+    :param clip: whether x0 was clamped to [-1, 1] (then the gradient is 0 outside).
+    :param grad_out: an [N x ...] Tensor, d loss / d out, or None when out was not used.
+    :param grad_x0: an [N x ...] Tensor, d loss / d x0, or None / empty when x0 was not used.
+    :return: (grad_x in x's dtype, grad_eps in eps's dtype, grad_z in x's dtype or None).
+    """
+    xf, ef = x.float(), eps.float()
+    cx, ce, a, b, d, s = (_bcast(coef[:, i], xf) for i in range(NUM_COEF))
+    raw = cx * xf - ce * ef
+    inside = ((raw >= -1) & (raw <= 1)).float() if clip else torch.ones_like(raw)  # clamp's gradient
+    g_x0 = torch.zeros_like(xf)  # d loss / d x0 through both outputs
+    grad_x = torch.zeros_like(xf)
+    grad_z = None
+    if grad_out is not None:
+        go = grad_out.float()
+        g_x0 = g_x0 + go * (a - b / ce)
+        grad_x = grad_x + go * (b * cx / ce + d)
+        grad_z = go * s
+    if grad_x0 is not None and grad_x0.numel():
+        g_x0 = g_x0 + grad_x0.float()
+    g_raw = g_x0 * inside
+    grad_x = grad_x + g_raw * cx
+    grad_eps = -g_raw * ce
+    return grad_x.to(x.dtype), grad_eps.to(eps.dtype), None if grad_z is None else grad_z.to(x.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, eps, coef, noise, clip, _need_x0 = inputs
+    ctx.save_for_backward(x, eps, coef)
+    ctx.clip, ctx.has_noise = clip, noise is not None
+
+
+def _backward(ctx, grad_out, grad_x0):
+    x, eps, coef = ctx.saved_tensors
+    gx, ge, gz = _diffusion_step_grads(x, eps, coef, ctx.clip, grad_out, grad_x0)
+    return gx, ge, None, gz if ctx.has_noise else None, None, None
+
+
+if _ext.cpu_built():  # the ops exist only in a build with the extension
+    torch.library.register_fake("vesselfast::diffusion_step", _fake_step)
+    torch.library.register_fake("vesselfast::diffusion_step_out", _fake_step_out)
+    torch.library.register_autograd("vesselfast::diffusion_step", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backends of the generic kernel: fn(x, eps, coef, noise, clip, need_x0, out) -> (out, x0 or empty).
 # ``out`` (None: allocate) is a caller's buffer that shares no memory with the inputs. The three public
 # ops share these backends; each op's 'torch' backend is its formula-level reference.
@@ -166,6 +237,16 @@ def _check_out(out: torch.Tensor, x: torch.Tensor, *inputs: Optional[torch.Tenso
 
 
 def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend, out=None):
+    """Runs ``op`` on the backend it picks: its reference, or the generic kernel.
+
+    :param x_t: an [N x ...] Tensor.
+    :param eps: an [N x ...] Tensor like x_t (cast to x_t's dtype for the kernels).
+    :param coef_fn: () -> the [N x 6] float32 coefficient table (called for the kernels only).
+    :param reference_fn: () -> (result, x0), the op's reference on the original inputs.
+    :param noise: an [N x ...] Tensor like x_t, or None.
+    :param out: an [N x ...] contiguous Tensor like x_t to write the result into, or None.
+    :return: the [N x ...] result, or (result, x0) when ``return_x0``.
+    """
     name = op.pick(x_t.device, backend, x_t.dtype)
     if out is not None:
         _check_out(out, x_t, x_t, eps, noise)
@@ -193,6 +274,8 @@ def _cached_table(kind: str, a: float, b: float, param, batch: int, device: str)
 
 
 def _coefficients(kind: str, x: torch.Tensor, a: Abar, b: Abar, param) -> torch.Tensor:
+    """The [N x 6] float32 table of step ``kind`` on x's device, for an [N x ...] x and alpha_bars ``a``,
+    ``b`` ([N] Tensors or floats)."""
     if isinstance(a, float) and isinstance(b, float):
         return _cached_table(kind, a, b, param, x.shape[0], str(x.device))
     return _TABLES[kind](_per_sample(a, x), _per_sample(b, x), param).to(x.device)
@@ -204,8 +287,17 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar
               ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """One DDIM step x_t -> x_prev (eta >= 0; pass ``noise`` ~ N(0, I) when eta > 0).
     Use alpha_bar_prev = 1 for the final step, which then returns the x0 prediction (sigma = 0).
-    ``out``: write x_prev into this contiguous buffer like x_t (sharing no memory with the inputs)
-    instead of a new tensor; loops pass two buffers in turn and allocate nothing per step."""
+
+    :param x_t: an [N x ...] Tensor (NCHW in practice).
+    :param eps: an [N x ...] Tensor like x_t, the predicted noise.
+    :param alpha_bar_t: an [N] Tensor or a float, alpha_bar of the current level.
+    :param alpha_bar_prev: an [N] Tensor or a float, alpha_bar of the level stepped to.
+    :param noise: an [N x ...] Tensor like x_t, needed when eta > 0.
+    :param backend: 'auto' or one of ``BACKENDS``.
+    :param out: an [N x ...] contiguous Tensor like x_t, sharing no memory with the inputs, to write
+        x_prev into instead of a new tensor; loops pass two buffers in turn and allocate nothing per step.
+    :return: x_prev, an [N x ...] Tensor like x_t; (x_prev, x0) when ``return_x0``.
+    """
     if eta > 0 and noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise= (a standard normal tensor like x_t)")
     return _run(ddim_step_op, x_t, eps, lambda: _coefficients("ddim", x_t, alpha_bar_t, alpha_bar_prev, float(eta)),
@@ -217,7 +309,13 @@ def ddim_inverse_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, a
                       clip: bool = True, return_x0: bool = False, backend: str = "auto",
                       out: Optional[torch.Tensor] = None):
     """One deterministic DDIM inversion step x_t -> x_next, eps evaluated at the current level t.
-    ``out`` as in :func:`ddim_step`."""
+
+    :param x_t: an [N x ...] Tensor.
+    :param eps: an [N x ...] Tensor like x_t, the noise predicted at level t.
+    :param alpha_bar_t: an [N] Tensor or a float; ``alpha_bar_next`` likewise, for the level stepped to.
+    :param backend, out: as in :func:`ddim_step`.
+    :return: x_next, an [N x ...] Tensor like x_t; (x_next, x0) when ``return_x0``.
+    """
     return _run(ddim_inverse_step_op, x_t, eps,
                 lambda: _coefficients("ddim_inverse", x_t, alpha_bar_t, alpha_bar_next, None),
                 lambda: ddim_inverse_step_reference(x_t, eps, alpha_bar_t, alpha_bar_next, clip),
@@ -228,7 +326,15 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar
               noise: Optional[torch.Tensor] = None, variance: str = "fixed_large", clip: bool = True,
               return_x0: bool = False, backend: str = "auto", out: Optional[torch.Tensor] = None):
     """One DDPM ancestral step x_t -> x_{t-1} (noise ignored at t = 0, where abar_prev = 1).
-    ``out`` as in :func:`ddim_step`."""
+
+    :param x_t: an [N x ...] Tensor.
+    :param eps: an [N x ...] Tensor like x_t, the predicted noise.
+    :param alpha_bar_t: an [N] Tensor or a float; ``alpha_bar_prev`` likewise, for level t - 1.
+    :param noise: an [N x ...] Tensor like x_t drawn from N(0, I), or None for the posterior mean.
+    :param variance: 'fixed_large' (beta_t) or 'fixed_small' (the posterior variance).
+    :param backend, out: as in :func:`ddim_step`.
+    :return: x_{t-1}, an [N x ...] Tensor like x_t; (x_{t-1}, x0) when ``return_x0``.
+    """
     return _run(ddpm_step_op, x_t, eps, lambda: _coefficients("ddpm", x_t, alpha_bar_t, alpha_bar_prev, variance),
                 lambda: ddpm_step_reference(x_t, eps, alpha_bar_t, alpha_bar_prev, noise, variance, clip),
                 noise, clip, return_x0, backend, out)

@@ -56,12 +56,12 @@ def backend_unavailable_reason(backend: str, device: torch.device, dtype: Option
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, these are on {device}"
-        return None if _ext.cpu_built() else _ext.load()[1]
+        return None if _ext.cpu_built() else _ext.ERROR
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, these are on {device}"
         if not _ext.cpu_built():
-            return _ext.load()[1]
+            return _ext.ERROR
         if not _ext.cuda_built():
             return ("vesselfast._C was built without CUDA kernels (CPU torch or no CUDA toolkit at "
                     "install time); reinstall with a CUDA torch and CUDA_HOME set")
