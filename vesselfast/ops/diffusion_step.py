@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from vesselfast import _ext
-from vesselfast.ops.registry import new_op
+from vesselfast.ops.registry import new_op, resolve
 
 Abar = Union[float, torch.Tensor]
 NUM_COEF = 6  # cx, ce, a, b, d, s (order fixed by StepCoef in step_math.h; the Triton kernel reads it here)
@@ -237,7 +237,7 @@ def _check_out(out: torch.Tensor, x: torch.Tensor, *inputs: Optional[torch.Tenso
 
 
 def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend, out=None):
-    """Runs ``op`` on the backend it picks: its reference, or the generic kernel.
+    """Runs ``op`` on the backend :func:`resolve` picks: its reference, or the generic kernel.
 
     :param x_t: an [N x ...] Tensor.
     :param eps: an [N x ...] Tensor like x_t (cast to x_t's dtype for the kernels).
@@ -247,7 +247,7 @@ def _run(op, x_t, eps, coef_fn, reference_fn, noise, clip, return_x0, backend, o
     :param out: an [N x ...] contiguous Tensor like x_t to write the result into, or None.
     :return: the [N x ...] result, or (result, x0) when ``return_x0``.
     """
-    name = op.pick(x_t.device, backend, x_t.dtype)
+    name = resolve(op.name, x_t.device, backend, x_t.dtype)
     if out is not None:
         _check_out(out, x_t, x_t, eps, noise)
     if name == "torch":
@@ -275,8 +275,8 @@ def _cached_table(kind: str, a: float, b: float, param, batch: int, device: str)
 
 def _coefficients(kind: str, x: torch.Tensor, a: Abar, b: Abar, param) -> torch.Tensor:
     """The [N x 6] float32 table of step ``kind`` on x's device, for an [N x ...] x and alpha_bars ``a``,
-    ``b`` ([N] Tensors or floats)."""
-    if isinstance(a, float) and isinstance(b, float):
+    ``b`` ([N] Tensors or floats). Traced calls build it in the graph instead of reading the cache."""
+    if isinstance(a, float) and isinstance(b, float) and not torch.compiler.is_compiling():
         return _cached_table(kind, a, b, param, x.shape[0], str(x.device))
     return _TABLES[kind](_per_sample(a, x), _per_sample(b, x), param).to(x.device)
 
@@ -293,7 +293,7 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: Abar, alpha_bar
     :param alpha_bar_t: an [N] Tensor or a float, alpha_bar of the current level.
     :param alpha_bar_prev: an [N] Tensor or a float, alpha_bar of the level stepped to.
     :param noise: an [N x ...] Tensor like x_t, needed when eta > 0.
-    :param backend: 'auto' or one of ``BACKENDS``.
+    :param backend: 'auto' or one of ``BACKENDS``; resolved once per traced graph under torch.compile.
     :param out: an [N x ...] contiguous Tensor like x_t, sharing no memory with the inputs, to write
         x_prev into instead of a new tensor; loops pass two buffers in turn and allocate nothing per step.
     :return: x_prev, an [N x ...] Tensor like x_t; (x_prev, x0) when ``return_x0``.

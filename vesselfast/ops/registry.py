@@ -11,6 +11,10 @@ the other on a GPU yet (docs/BENCHMARKS.md says so).
 An explicit backend that cannot run raises :class:`BackendUnavailable` saying why; ``auto`` never fails,
 since ``torch`` always runs. Triton kernels run on CPU tensors only under ``TRITON_INTERPRET=1``
 (Triton's interpreter, used by the tests), and ``auto`` never picks them there.
+
+The public functions ask :func:`resolve`, which ``torch.compile`` runs as plain Python while it traces
+(it is marked a constant result): the choice is made once per compiled graph and nothing of the registry
+(environment, import checks) is traced.
 """
 from __future__ import annotations
 
@@ -117,6 +121,14 @@ def new_op(name: str, reference: Callable) -> Op:
     op = Op(name, reference)
     OPS[name] = op
     return op
+
+
+@torch.compiler.assume_constant_result
+def resolve(op_name: str, device: torch.device, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> str:
+    """``OPS[op_name].pick(device, backend, dtype)``. Under ``torch.compile`` this runs once, in Python,
+    when a call is traced, and its answer is a constant of the graph; the device and dtype of the tensors
+    are guarded anyway, ``VESSELFAST_BACKEND`` is read at that moment (set it before compiling)."""
+    return OPS[op_name].pick(device, backend, dtype)
 
 
 def describe() -> dict:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from vesselfast import _ext
-from vesselfast.ops.registry import new_op
+from vesselfast.ops.registry import new_op, resolve
 
 
 def vessel_noise_loss_reference(eps: torch.Tensor, eps_hat: torch.Tensor, w: Optional[torch.Tensor] = None):
@@ -106,11 +106,11 @@ def vessel_noise_loss(eps: torch.Tensor, eps_hat: torch.Tensor, w: Optional[torc
     :param eps_hat: an [N x ...] Tensor like eps, the network's prediction.
     :param w: an [N x ...] 0/1 Tensor like eps, the dilated vessel mask (no gradient), or None.
     :param reduction: 'mean' (a float32 scalar) or 'none' (float32 [N]).
-    :param backend: 'auto' or one of ``BACKENDS``.
+    :param backend: 'auto' or one of ``BACKENDS``; resolved once per traced graph under torch.compile.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    name = vessel_noise_loss_op.pick(eps_hat.device, backend, eps_hat.dtype)
+    name = resolve(vessel_noise_loss_op.name, eps_hat.device, backend, eps_hat.dtype)
     if name == "torch":
         loss = vessel_noise_loss_reference(eps, eps_hat, w)
     else:
