@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_data_check import generic, octa_split
+from helpers import generic, octa_split
 
 from vesselfast.cli import main
 from vesselfast.pipeline.rundir import RunDir

@@ -6,35 +6,12 @@ import os
 import cv2
 import numpy as np
 import pytest
+from helpers import generic, octa_split, write_image
 
 from vesselfast.cli import main
 from vesselfast.data import check_paths, load_domain
 from vesselfast.data.synthetic import raw_pair
 from vesselfast.errors import UserError
-
-
-def _w(path, arr):
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    assert cv2.imwrite(str(path), arr)
-
-
-def generic(root, n=2, size=40, fov=False):
-    for i in range(n):
-        rgb, m, f = raw_pair("source", "train", i, 64)
-        _w(root / "images" / f"c{i}.png", cv2.resize(rgb, (size, size)))
-        _w(root / "masks" / f"c{i}.png", cv2.resize(m * 255, (size, size), interpolation=cv2.INTER_NEAREST))
-        if fov:
-            _w(root / "fov" / f"c{i}.png", cv2.resize(f.astype(np.uint8) * 255, (size, size)))
-    return root
-
-
-def octa_split(root, n=2):
-    for split in ("train", "test"):
-        for i in range(n):
-            g, m, _ = raw_pair("target", "test", i, 48)
-            _w(root / split / "image" / f"{split}{i}.png", g)
-            _w(root / split / "label" / f"{split}{i}.png", m * 255)
-    return root
 
 
 def _cli_error(capsys, argv, match):
@@ -97,7 +74,7 @@ def test_every_problem_is_reported(tmp_path, capsys):
     first problem and how many more there are, `data check` lists them all (nnU-Net style)."""
     root = generic(tmp_path / "g", n=4)
     (root / "images" / "c1.png").write_bytes(b"")
-    _w(root / "masks" / "c2.png", np.zeros((30, 40), np.uint8))
+    write_image(root / "masks" / "c2.png", np.zeros((30, 40), np.uint8))
     (root / "images" / "c3.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     assert main(["data", "check", str(root), "--role", "source"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -118,7 +95,7 @@ def test_mask_missing(tmp_path, capsys):
 
 def test_size_mismatch(tmp_path, capsys):
     root = generic(tmp_path / "g")
-    _w(root / "masks" / "c0.png", np.zeros((30, 40), np.uint8))
+    write_image(root / "masks" / "c0.png", np.zeros((30, 40), np.uint8))
     err = _cli_error(capsys, ["data", "check", str(root), "--role", "source"], "40x30")
     assert "c0.png" in err and "same size" in err
     with pytest.raises(UserError, match="same size"):
@@ -130,18 +107,18 @@ def test_non_binary_masks(tmp_path, capsys):
     m = cv2.imread(str(root / "masks" / "c0.png"), 0)
     soft = cv2.GaussianBlur(m, (3, 3), 0.5)              # anti-aliased edges: thresholded, with a note
     soft[soft == 0] = 0
-    _w(root / "masks" / "c0.png", soft)
+    write_image(root / "masks" / "c0.png", soft)
     rep = check_paths([str(root)], "source")
     assert any("thresholded at 128" in n for n in rep["paths"][0]["notes"])
     grey = (np.arange(40 * 40).reshape(40, 40) % 256).astype(np.uint8)   # an image, not a mask: refused
-    _w(root / "masks" / "c1.png", grey)
+    write_image(root / "masks" / "c1.png", grey)
     _cli_error(capsys, ["data", "check", str(root), "--role", "source"], "is not binary")
 
 
 def test_duplicate_stems(tmp_path, capsys):
     root = generic(tmp_path / "g")
     rgb = cv2.imread(str(root / "images" / "c0.png"))
-    _w(root / "images" / "c0.jpg", rgb)
+    write_image(root / "images" / "c0.jpg", rgb)
     _cli_error(capsys, ["data", "check", str(root), "--role", "source"], "duplicate image stem 'c0'")
 
 
@@ -154,7 +131,7 @@ def test_target_folder_containing_labels(tmp_path, capsys):
     # labels mixed into the target image folder
     root = octa_split(tmp_path / "o")
     g, m, _ = raw_pair("target", "test", 0, 48)
-    _w(root / "train" / "image" / "train0_label.png", m * 255)
+    write_image(root / "train" / "image" / "train0_label.png", m * 255)
     _cli_error(capsys, ["data", "check", str(root), "--role", "target"], "looks like a label file")
     with pytest.raises(UserError, match="looks like a label"):
         load_domain([str(root)], "target", "train", False)
