@@ -10,6 +10,7 @@ from helpers import generic, octa_split, write_image
 
 from vesselfast.cli import main
 from vesselfast.data import check_paths, load_domain
+from vesselfast.data.io import read_mask
 from vesselfast.data.synthetic import raw_pair
 from vesselfast.errors import UserError
 
@@ -106,10 +107,12 @@ def test_non_binary_masks(tmp_path, capsys):
     root = generic(tmp_path / "g")
     m = cv2.imread(str(root / "masks" / "c0.png"), 0)
     soft = cv2.GaussianBlur(m, (3, 3), 0.5)              # anti-aliased edges: thresholded, with a note
-    soft[soft == 0] = 0
+    soft[soft == 0] = 3                                  # and a background that is not quite black (JPEG)
     write_image(root / "masks" / "c0.png", soft)
     rep = check_paths([str(root)], "source")
     assert any("thresholded at 128" in n for n in rep["paths"][0]["notes"])
+    # thresholded at 128, not at 0: the near-black background stays background, the vessels come back whole
+    assert np.array_equal(read_mask(str(root / "masks" / "c0.png")), m > 0)
     grey = (np.arange(40 * 40).reshape(40, 40) % 256).astype(np.uint8)   # an image, not a mask: refused
     write_image(root / "masks" / "c1.png", grey)
     _cli_error(capsys, ["data", "check", str(root), "--role", "source"], "is not binary")
