@@ -152,20 +152,21 @@ def test_quick_run_of_every_group(tmp_path):
     assert "x ref" in res.stdout
 
 
-def test_forced_reference_backend_is_caught(tmp_path):
-    """A deliberately slowed op: VESSELFAST_BACKEND=torch makes the fused ops' default ("auto") run the
-    plain-torch reference; --compare against a normal run must fail on the auto rows' ratios."""
+def test_compare_fails_the_run_on_a_regression(tmp_path):
+    """``--compare`` end to end, with no timing in the verdict: a baseline in which the fused ops' default
+    path was a billion times faster than eager makes each of those rows a regression (exit 1, one flagged
+    line each, whatever this machine measures); rows the baseline lacks are not compared. Whether a slower
+    op is caught by real timings is the benchmarks' business (docs/BENCHMARKS.md), not CI's; that
+    VESSELFAST_BACKEND=torch makes the default path run the reference is
+    tests/test_ops_backends.py::test_env_var_forces_torch."""
+    steps = ("ddim_step", "ddim_inverse_step", "ddpm_step")
     base = tmp_path / "base.json"
-    # 1M elements: the fused ops win clearly; 15 rounds: a median that survives a busy CI machine
-    env = {"VESSELFAST_BENCH_SIZES": "1M", "VESSELFAST_BENCH_ROUNDS": "15"}
-    res = _bench_cli("ops", "--quick", "--json", str(base), env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    slow = _bench_cli("ops", "--quick", "--compare", str(base), "--fail-over", "30",
-                      env=dict(env, VESSELFAST_BACKEND="torch"))
-    assert slow.returncode == 1, slow.stdout[-3000:] + slow.stderr[-2000:]
-    flagged = [line.split() for line in slow.stdout.splitlines() if "REGRESSION" in line]
-    # each step op's default path lost its speedup over eager (the explicit backends may flag on noise)
-    assert {"ddim_step", "ddim_inverse_step", "ddpm_step"} <= {w[1] for w in flagged if w[3:5] == ["auto", "vs_ref"]}
-    # a normal run against the same baseline passes (generous threshold: quick-mode timings are noisy)
-    ok = _bench_cli("ops", "--quick", "--compare", str(base), "--fail-over", "1000", env=env)
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    base.write_text(json.dumps({"rows": [dict(suite="ops", op=op, numel=1 << 16, impl="auto", vs_ref=1e9)
+                                         for op in steps]}))
+    res = _bench_cli("ops", "--quick", "--compare", str(base), "--fail-over", "99",
+                     env={"VESSELFAST_BENCH_SIZES": "64K", "VESSELFAST_BENCH_ROUNDS": "1"})
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-2000:]
+    compared = [line.split() for line in res.stdout.split("\ncompared with ", 1)[1].splitlines()[1:]]
+    assert sorted((w[1], w[3], w[4], w[-1]) for w in compared) == [(op, "auto", "vs_ref", "REGRESSION")
+                                                                    for op in sorted(steps)]
+    assert "3 ratio(s) regressed by more than 99%" in res.stderr
