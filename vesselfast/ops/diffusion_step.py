@@ -151,7 +151,7 @@ def _fake_step_out(x, eps, coef, noise, clip: bool, out) -> None:
 
 
 def _diffusion_step_grads(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, clip: bool,
-                         grad_out: Optional[torch.Tensor], grad_x0: Optional[torch.Tensor]):
+                          grad_out: Optional[torch.Tensor], grad_x0: Optional[torch.Tensor]):
     """Gradients of out = a x0 + b (cx x - x0)/ce + d x + s z and of x0 = clip(cx x - ce eps) w.r.t. x,
     eps and z, in float32 (the kernels' arithmetic), from the saved inputs.
 
