@@ -17,7 +17,7 @@ from conftest import QUICK, bench_device, record, timed
 from models import CROP, SEG_CHANNELS, images_and_masks, segmenter, skip_unless_runs
 
 from vesselfast.export.segmenter import Segmenter
-from vesselfast.pipeline.segmenter import train_segmenter
+from vesselfast.pipeline.segmentation import train_segmenter
 
 GROUP = "segmenter"
 pytestmark = pytest.mark.bench_group(GROUP)

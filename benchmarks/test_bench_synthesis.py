@@ -10,8 +10,7 @@ import pytest
 from conftest import QUICK, bench_device, record, timed
 from models import CROP, DIFF_CFG, generator, images_and_masks, schedule, t0_steps
 
-from vesselfast.diffusion import ddim_invert
-from vesselfast.pipeline.config import SAMPLERS
+from vesselfast.diffusion import SAMPLERS, ddim_invert, make_sampler
 from vesselfast.pipeline.generative import EpsModel, synthesize
 
 GROUP = "synthesis"
@@ -30,8 +29,9 @@ def test_synthesis_per_image(benchmark, sync, sampler):
 
     def run():
         eps.evals = 0
-        return synthesize(eps, sampler, masks, latents, sched, DIFF_CFG.ddim_steps, k, DIFF_CFG.ddim_steps,
-                          batch_size=BATCH, seed=0, conditional=True)
+        return synthesize(eps, make_sampler(sampler, ddim_steps=DIFF_CFG.ddim_steps, t0_steps=k,
+                                            noise_steps=DIFF_CFG.ddim_steps),
+                          masks, latents, sched, batch_size=BATCH, seed=0, conditional=True)
 
     long_sampler = sampler.startswith("ddpm")
     record(benchmark, GROUP, "synthesis", sampler, CROP, role="ref" if sampler == "ddpm_noise" else None,

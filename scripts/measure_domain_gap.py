@@ -5,7 +5,7 @@ real fundus) applied to synthetic OCTA, against one trained on synthetic OCTA la
     python scripts/measure_domain_gap.py            # defaults: the numbers in docs/DATA.md
     python scripts/measure_domain_gap.py --steps 100 --n-train 8   # a quick smoke run
 
-Uses vesselfast.pipeline.segmenter (train_segmenter / predict_probs) and vesselfast.metrics. The oracle's
+Uses vesselfast.pipeline.segmentation (train_segmenter / predict_probs) and vesselfast.metrics. The oracle's
 target training labels are drawn from the generator directly: this is a measurement, not the method.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from vesselfast.data import Sample, builtin_domain, preprocess_target, random_crops
     from vesselfast.data.synthetic import sample_rng, synth_octa
     from vesselfast.metrics import evaluate_images
-    from vesselfast.pipeline.segmenter import predict_probs, train_segmenter
+    from vesselfast.pipeline.segmentation import predict_probs, train_segmenter
 
     t0 = time.perf_counter()
     clahe = not args.no_clahe

@@ -47,7 +47,7 @@ def main() -> int:
     from vesselfast.models import SegmenterUNet, autocast, to_memory_format
     from vesselfast.pipeline.config import GeneratorTrainConfig
     from vesselfast.pipeline.generative import build_generator, train_generator
-    from vesselfast.pipeline.segmenter import train_segmenter
+    from vesselfast.pipeline.segmentation import train_segmenter
 
     torch.set_num_threads(2)
     native, why = hardware.native_bf16_cpu()

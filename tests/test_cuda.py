@@ -99,7 +99,7 @@ def test_compile_fullgraph_on_gpu_equals_eager():
 
 def test_precision_auto_and_fp16_scaling_on_gpu():
     from vesselfast.hardware import resolve_precision
-    from vesselfast.pipeline.segmenter import train_segmenter
+    from vesselfast.pipeline.segmentation import train_segmenter
 
     precision, why = resolve_precision("auto", DEV)
     if torch.cuda.get_device_capability() >= (8, 0):

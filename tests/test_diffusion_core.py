@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vesselfast.diffusion import NoiseSchedule, ddim_invert, ddim_sample, ddpm_sample, num_evals, t0_index
+from vesselfast.diffusion import NoiseSchedule, ddim_invert, ddim_sample, ddpm_sample, make_sampler, t0_index
 from vesselfast.ops import ddim_inverse_step, ddim_step, ddpm_step
 
 SCHED = NoiseSchedule.make("linear", 1000)
@@ -166,8 +166,29 @@ def test_loops_call_the_network_as_documented():
     assert calls == list(range(900, -1, -100)); calls.clear()
     ddpm_sample(fn, NoiseSchedule.make("linear", 50), x)
     assert calls == list(range(49, -1, -1))
-    assert num_evals("ddim_latent", SCHED, 50, 15) == 16 and num_evals("ddpm_latent", SCHED, 50, 15) == 301
-    assert num_evals("ddpm_noise", SCHED, 50, 15) == 1000 and num_evals("ddim_noise", SCHED, 50, 15) == 50
+
+
+@pytest.mark.parametrize("name,evals,noisy", [("ddim_latent", 16, False), ("ddpm_latent", 301, True),
+                                              ("ddim_noise", 25, True), ("ddpm_noise", 1000, True)])
+def test_sampler_objects_count_their_evaluations_and_draws(name, evals, noisy):
+    """Each sampler object states its network evaluations per image and whether it draws random numbers;
+    both are checked against what its loop actually does (calls counted, generator state compared)."""
+    sampler = make_sampler(name, ddim_steps=50, t0_steps=15, noise_steps=25)
+    assert sampler.name == name and sampler.evals_per_image(SCHED) == evals and sampler.draws_noise() == noisy
+    calls = []
+
+    def fn(x, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    x = sampler.start(torch.zeros(2, 1, 4, 4), torch.Size((2, 1, 4, 4)), "cpu", g)
+    sampler.sample(fn, SCHED, x, g)
+    assert len(calls) == evals
+    assert (not torch.equal(before, g.get_state())) == noisy
+    assert make_sampler("ddim_latent", ddim_steps=50, t0_steps=15, eta=0.5).draws_noise()
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("ddim", ddim_steps=50)
 
 
 def test_injected_noise_reproduces_and_progress_reports():

@@ -84,7 +84,7 @@ def test_two_processes_train_tiny_with_identical_ranks(tmp_path, tiny_run):
 def sharded_inference() -> dict:
     """Inversion, three samplers and a per-image map over 7 crops in batches of 2 (4 batches, so the
     shares are uneven across two ranks), through the same dist helpers the pipeline uses."""
-    from vesselfast.diffusion import NoiseSchedule
+    from vesselfast.diffusion import NoiseSchedule, make_sampler
     from vesselfast.pipeline.config import GeneratorTrainConfig
     from vesselfast.pipeline.generative import EpsModel, build_generator, invert, synthesize
 
@@ -104,8 +104,8 @@ def sharded_inference() -> dict:
         lambda b: invert(eps, images, masks, schedule, 10, 3, 2, batches=b), 7, 2)}
     for sampler, eta in (("ddim_latent", 0.0), ("ddpm_noise", 0.0), ("ddim_noise", 0.5)):
         out[sampler] = dist.gather_tensor_batches(
-            lambda b, s=sampler, e=eta: synthesize(eps, s, masks, out["latents"], schedule, 10, 3, 5, 2, seed=11,
-                                                   conditional=True, eta=e, batches=b), 7, 2)
+            lambda b, s=make_sampler(sampler, ddim_steps=10, t0_steps=3, noise_steps=5, eta=eta):
+            synthesize(eps, s, masks, out["latents"], schedule, 2, seed=11, conditional=True, batches=b), 7, 2)
     out["per_image"] = torch.stack(dist.gather([im.sum(0) for im in dist.shard(list(images))]))
     out["evals"] = dist.total(eps.evals)
     return out

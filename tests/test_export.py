@@ -13,7 +13,7 @@ from vesselfast.data import builtin_domain, preprocessing_spec
 from vesselfast.export import Segmenter, read_onnx_metadata
 from vesselfast.models import SegmenterUNet
 from vesselfast.checkpoint import save_checkpoint
-from vesselfast.pipeline.segmenter import train_segmenter
+from vesselfast.pipeline.segmentation import train_segmenter
 
 OCTA_TEST = "octa/OCTA-500_3M/test/image"
 

@@ -21,7 +21,7 @@ from vesselfast.errors import UserError
 from vesselfast import checkpoint
 from vesselfast.pipeline.config import resolve
 from vesselfast.pipeline.loop import NonFiniteLoss, run_training
-from vesselfast.pipeline.run import run_pipeline
+from vesselfast.pipeline.launch import run_pipeline
 from vesselfast.checkpoint import atomic_write, load_checkpoint
 from vesselfast.pipeline.rundir import RunDir
 

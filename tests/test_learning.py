@@ -11,7 +11,7 @@ from vesselfast.metrics import dsc
 from vesselfast.ops import vessel_noise_loss
 from vesselfast.pipeline.config import GeneratorTrainConfig
 from vesselfast.pipeline.generative import build_generator, train_generator
-from vesselfast.pipeline.segmenter import predict_probs, train_segmenter
+from vesselfast.pipeline.segmentation import predict_probs, train_segmenter
 
 
 def _crops(role, split, n_images, n_crops, seed):

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from vesselfast.models import EMA, GeneratorConfig, GeneratorUNet, SegmenterUNet, autocast, timestep_embedding
+from vesselfast.models import EMA, GeneratorArch, GeneratorUNet, SegmenterUNet, autocast, timestep_embedding
 
-SMALL = GeneratorConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,))
+SMALL = GeneratorArch(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,))
 
 
 def test_timestep_embedding_formula():

@@ -7,11 +7,11 @@ import yaml
 
 from vesselfast.cli import main
 from vesselfast.errors import UserError
-from vesselfast.pipeline import generative, segmenter
+from vesselfast.pipeline import generative, segmentation
 from vesselfast.pipeline.config import resolve
 from vesselfast.checkpoint import load_checkpoint
+from vesselfast.pipeline.launch import run_pipeline
 from vesselfast.pipeline.rundir import RunDir
-from vesselfast.pipeline.run import run_pipeline
 
 SUMMARY = ("dsc", "dsc_std", "auc", "acc", "ahd", "n_images")
 
@@ -38,14 +38,27 @@ def test_run_directory_holds_everything(tiny_run):
     assert "iter1" in (tiny_run / "report.md").read_text()
     assert not list(tiny_run.glob("ckpt/*.partial.pt")) and not list(tiny_run.rglob("*.tmp"))
     latents = load_checkpoint(tiny_run / "ckpt" / "invert.pt", kind="invert")["latents"]
-    assert latents.dtype.is_floating_point and latents.dtype != __import__("torch").uint8
+    assert latents.dtype == __import__("torch").float32  # latents are never stored as 8-bit images
 
 
-def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
-    before = (tiny_run / "metrics.json").read_text()
-    monkeypatch.setattr(generative, "run_training", lambda *a, **k: pytest.fail("a finished stage was re-trained"))
-    assert main(["train", "--preset", "tiny", "--out", str(tiny_run)]) == 0
-    assert json.loads((tiny_run / "metrics.json").read_text())["target_test"] == json.loads(before)["target_test"]
+def test_rerun_skips_finished_stages(tiny_run, tmp_path, monkeypatch):
+    """A re-run into a finished directory trains, infers and evaluates nothing again (on a copy: the
+    session's tiny_run must not change)."""
+    import shutil
+
+    from vesselfast.pipeline import evaluation
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    before = {name: (run / name).read_text() for name in ("metrics.json", "stages.json")}
+    fail = lambda *a, **k: pytest.fail("a finished stage or evaluation was computed again")  # noqa: E731
+    for module, name in ((generative, "run_training"), (segmentation, "run_training"),
+                         (segmentation, "predict_probs"), (evaluation, "evaluate_on")):
+        monkeypatch.setattr(module, name, fail)
+    assert main(["train", "--preset", "tiny", "--out", str(run)]) == 0
+    assert json.loads((run / "stages.json").read_text()) == json.loads(before["stages.json"])
+    assert json.loads((run / "metrics.json").read_text())["target_test"] == \
+        json.loads(before["metrics.json"])["target_test"]
 
 
 class Interrupt(Exception):
@@ -68,7 +81,7 @@ def _interrupt_at(module, monkeypatch, stage_name, at_step):
     monkeypatch.setattr(module, "run_training", wrapped)
 
 
-@pytest.mark.parametrize("module,stage,step", [(generative, "pretrain_source", 11), (segmenter, "segmenter_1", 3)])
+@pytest.mark.parametrize("module,stage,step", [(generative, "pretrain_source", 11), (segmentation, "segmenter_1", 3)])
 def test_resume_after_interrupt_gives_identical_metrics(tiny_run, tmp_path, monkeypatch, module, stage, step):
     out = tmp_path / "run"
     cfg = resolve("tiny")
@@ -193,29 +206,76 @@ def test_allocator_reexec_environment(monkeypatch):
     assert allocator.environment() is None
 
 
-def test_calibration_matches_the_vessel_prior(tiny_run):
+def _target_and_source(cfg):
+    """The tiny run's unlabelled target training images and its source masks' vessel fraction."""
+    from vesselfast.pipeline.inputs import build_data, load_inputs
+
+    inputs = load_inputs(cfg)
+    data = build_data(cfg, cfg.seed, inputs, {f: 1.0 for f in cfg.data.source})
+    return inputs.target_images, data.source_vessel_fraction()
+
+
+@pytest.mark.parametrize("prior", ["estimate", "source"])
+def test_calibration_matches_the_vessel_prior(tiny_run, tmp_path, prior):
     """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the configured prior
-    (no target label involved): the source masks' vessel fraction inside the FOV, or the share that
-    baseline_histmatch marks on the target training images."""
+    (no target label involved): the share baseline_histmatch marks on the target training images
+    (capped at the source's), or the source masks' vessel fraction inside the FOV."""
     import numpy as np
 
-    from vesselfast.pipeline.run import Pipeline, build_data, load_inputs
+    from vesselfast.pipeline.calibration import marked_share
+    from vesselfast.pipeline.stages import Context, segmenter_probs
 
-    stages = json.loads((tiny_run / "stages.json").read_text())
-    cfg = resolve("tiny")
-    pipe = Pipeline(cfg, RunDir(tiny_run), load_inputs(cfg))
-    pipe.data = build_data(cfg, pipe.inputs, {f: 1.0 for f in cfg.data.source})
-    pipe.target_share = pipe.run.load("baseline_histmatch")["target_share"]
-    assert stages["baseline_histmatch"]["target_share"] == pytest.approx(pipe.target_share, abs=1e-5)
-    prior = pipe.vessel_prior()
-    if cfg.segmenter.calibrate == "source":
-        assert prior == pytest.approx(np.mean([s.mask[s.fov].mean() for s in pipe.data.source_train]))
+    run = tiny_run
+    if prior != "estimate":  # the stages before F^0 are reused from the session's run
+        run = tmp_path / prior
+        assert main(["train", "--preset", "tiny", "--out", str(run), "--reuse", str(tiny_run),
+                     "--set", f"segmenter.vessel_prior={prior}"]) == 0
+    stages = json.loads((run / "stages.json").read_text())
+    targets, source = _target_and_source(resolve("tiny"))
+    share = stages["baseline_histmatch"]["marked_share"]
+    want = source if prior == "source" or share > source else share
+    assert 0 < want < 0.5
+    ctx = Context(None, RunDir(run, writer=False), 0, "cpu", 1)
     for stage in ("segmenter_0", "segmenter_1"):
-        assert stages[stage]["calibration_prior"] == pytest.approx(prior, abs=1e-5)
-        probs = pipe.predict(pipe.run.load(stage), [s.image for s in pipe.data.target_train], stage)
-        frac = np.mean(np.concatenate([p.ravel() for p in probs]) >= 0.5)
-        assert frac == pytest.approx(prior, abs=0.01)
+        assert stages[stage]["calibration_prior"] == pytest.approx(want, abs=1e-5)
+        probs = segmenter_probs(ctx, RunDir(run, writer=False).load(stage), targets, "fp32", stage)
+        assert marked_share(probs, 0.5) == pytest.approx(want, abs=0.01)
     assert "calibration_prior" not in stages["baseline"]  # the baselines stay as defined
+
+
+def test_vessel_prior_modes_and_the_cap():
+    """The prior from each mode: a number, the source fraction, the estimate at most the source fraction
+    (segmenter.estimate_cap), none; --set segmenter.vessel_prior=0.07 (YAML reads a float) is accepted."""
+    from vesselfast.pipeline.calibration import vessel_prior
+
+    cfg = resolve("tiny", sets=["segmenter.vessel_prior=0.07"])
+    assert cfg.segmenter.vessel_prior == "0.07"
+    assert vessel_prior(cfg.segmenter.vessel_prior, 0.12, None, True) == (pytest.approx(0.07), "")
+    with pytest.raises(UserError, match="segmenter.vessel_prior=.*vessel fraction in \\(0, 1\\)"):
+        resolve("tiny", sets=["segmenter.vessel_prior=1.5"])
+    assert vessel_prior("source", 0.12, 0.3, True) == (0.12, "")
+    assert vessel_prior("none", 0.12, 0.3, True) == (None, "")
+    assert vessel_prior("estimate", 0.12, 0.04, True) == (0.04, "")
+    capped, note = vessel_prior("estimate", 0.12, 0.9, True)
+    assert capped == 0.12 and "capped" in note
+    assert vessel_prior("estimate", 0.12, 0.9, False) == (0.9, "")
+
+
+def test_logit_shift_hits_the_prior_on_pooled_pixels():
+    """The shift makes the prior's share of the pooled pixels reach the threshold, for images of
+    different sizes (brute force: apply the shift and count)."""
+    import numpy as np
+
+    from vesselfast.pipeline.calibration import logit_shift, marked_share
+
+    rng = np.random.default_rng(0)
+    probs = [rng.random((40, 50)) ** 3, rng.random((70, 30)) ** 2]
+    for prior in (0.05, 0.2, 0.6):
+        shift, before = logit_shift(probs, prior, 0.5)
+        assert before == marked_share(probs, 0.5)
+        shifted = [1 / (1 + np.exp(-(np.log(p) - np.log1p(-p) + shift))) for p in probs]
+        assert marked_share(shifted, 0.5) == pytest.approx(prior, abs=2 / 4100)
+    assert marked_share([np.array([[0.5, 0.4]]), np.array([[0.9, 0.9, 0.1, 0.2]])], 0.5) == pytest.approx(3 / 6)
 
 
 def test_reuse_takes_unchanged_stages_and_equals_a_fresh_run(tiny_run, tmp_path, capsys):
@@ -266,7 +326,7 @@ def test_diagnostics_per_round(tiny_run):
     for entry in diag.values():
         assert entry["hist_euclidean"] >= 0 and 0 <= entry["hist_cosine"] <= 1
     stages = json.loads((tiny_run / "stages.json").read_text())
-    assert diag["iter1"]["pseudo_label_share"] == stages["pseudo_label_1"]["vessel_fraction"]
+    assert diag["iter1"]["pseudo_label_share"] == stages["pseudo_label_1"]["marked_share"]
     assert "pseudo-label share" in (tiny_run / "report.md").read_text()
     assert (tiny_run / "diagnostics.png").stat().st_size > 0
 
@@ -276,35 +336,65 @@ def test_reuse_errors(tmp_path, capsys):
     assert "--reuse" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_calibrate_accepts_a_number_from_the_command_line():
-    """--set segmenter.calibrate=0.07 (YAML reads a float) is the documented fixed vessel fraction."""
-    from vesselfast.pipeline.run import Pipeline
+def test_a_rounds_only_key_reuses_the_inversion(tiny_run, tmp_path):
+    """The rounds' sampler settings are not part of the inversion's (or Iter-0's) identity: changing
+    synthesis.noise_steps reuses everything up to F^0 and recomputes the rounds' synthesis."""
+    out = tmp_path / "noise_steps"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--reuse", str(tiny_run),
+                 "--set", "synthesis.noise_steps=4"]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    for name in ("pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "pseudo_label_1",
+                 "target_generator_1"):
+        assert stages[name]["reused_from"] == str(tiny_run), name
+    for name in ("synthesize_1", "segmenter_1"):
+        assert "reused_from" not in stages[name], name
+    assert stages["synthesize_1"]["unet_evals_per_image"] == 4
 
-    cfg = resolve("tiny", sets=["segmenter.calibrate=0.07"])
-    assert cfg.segmenter.calibrate == "0.07"
-    assert Pipeline(cfg, RunDir("unused")).vessel_prior() == pytest.approx(0.07)
-    with pytest.raises(UserError, match="segmenter.calibrate=.*vessel fraction in \\(0, 1\\)"):
-        resolve("tiny", sets=["segmenter.calibrate=1.5"])
+
+def test_a_stage_reads_only_its_declared_config_slice():
+    from vesselfast.pipeline.cache import ConfigSlice, UndeclaredConfigKey, stage_identity
+    from vesselfast.pipeline.config import to_dict
+
+    cfg = to_dict(resolve("tiny"))
+    view = ConfigSlice(cfg, ("generator.lr", "generator.channel_mult"))
+    assert view.generator.lr == cfg["generator"]["lr"] and view.generator.channel_mult == (1, 2)
+    with pytest.raises(UndeclaredConfigKey, match="generator.batch_size"):
+        view.generator.batch_size
+    with pytest.raises(UndeclaredConfigKey, match="'segmenter'"):
+        view.segmenter
+    with pytest.raises(AttributeError, match="read-only"):
+        view.generator = 1
+    other = dict(cfg, generator=dict(cfg["generator"], batch_size=99))  # a key outside the slice
+    assert stage_identity("s", 0, view, {}) == stage_identity("s", 0, ConfigSlice(other, view.values()), {})
+    changed = dict(cfg, generator=dict(cfg["generator"], lr=1.0))
+    assert stage_identity("s", 0, view, {}) != stage_identity("s", 0, ConfigSlice(changed, view.values()), {})
 
 
-def test_estimated_prior_is_capped_at_the_source_fraction(tiny_run):
-    """calibrate=estimate takes baseline_histmatch's target share, but never more than the source masks'
-    vessel fraction (segmenter.estimate_cap), which a share inflated by unlabelled capillaries exceeds."""
-    import dataclasses
+@pytest.mark.parametrize("old,new", [("synthesis.ddim_steps=5", "synthesis.noise_steps"),
+                                     ("segmenter.calibrate=source", "segmenter.vessel_prior"),
+                                     ("segmenter.self_train=0.3", "lost its ablation"),
+                                     ("data.crops_inside_fov=true", "removed")])
+def test_retired_config_keys_are_refused_with_the_new_name(tmp_path, capsys, old, new):
+    out = tmp_path / "never"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--set", old]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and old.split("=")[0] in err[0] and new in err[0]
+    assert not out.exists()
 
-    import numpy as np
 
-    from vesselfast.pipeline.run import Pipeline, build_data, load_inputs
-
-    cfg = resolve("tiny")
-    pipe = Pipeline(cfg, RunDir(tiny_run), load_inputs(cfg))
-    pipe.data = build_data(cfg, pipe.inputs, {f: 1.0 for f in cfg.data.source})
-    source = float(np.mean([s.mask[s.fov].mean() for s in pipe.data.source_train]))
-    assert 0 < source < 0.5
-    pipe.target_share = 0.9
-    assert pipe.vessel_prior() == pytest.approx(source)
-    pipe.target_share = source / 3
-    assert pipe.vessel_prior() == pytest.approx(source / 3)
-    pipe.cfg = dataclasses.replace(cfg, segmenter=dataclasses.replace(cfg.segmenter, estimate_cap=False))
-    pipe.target_share = 0.9
-    assert pipe.vessel_prior() == pytest.approx(0.9)
+def test_baselines_false_means_no_baselines(tiny_run, tmp_path):
+    """baselines: false evaluates no baseline; baseline_histmatch is trained only when the vessel-fraction
+    estimate needs it (vessel_prior=estimate), not with a fixed prior."""
+    out = tmp_path / "fixed"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--reuse", str(tiny_run),
+                 "--set", "baselines=false", "--set", "segmenter.vessel_prior=0.1"]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert "baseline" not in stages and "baseline_histmatch" not in stages
+    assert set(json.loads((out / "metrics.json").read_text())["target_test"]) == {"iter0", "iter1"}
+    assert stages["segmenter_1"]["calibration_prior"] == pytest.approx(0.1)
+    out = tmp_path / "estimate"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--reuse", str(tiny_run),
+                 "--set", "baselines=false"]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert "baseline_histmatch" in stages and "baseline" not in stages
+    assert set(json.loads((out / "metrics.json").read_text())["target_test"]) == {"iter0", "iter1"}

@@ -14,7 +14,7 @@ def run(args) -> int:
     import json
 
     from vesselfast.pipeline.report import strict_json
-    from vesselfast.pipeline.run import evaluate_run
+    from vesselfast.pipeline.evaluation import evaluate_run
 
     res = evaluate_run(args.run, args.target_test, args.precision)
     print(f"{'model':<20}{'DSC':>8}{'±':>7}{'AUC':>8}{'ACC':>8}{'AHD px':>8}{'n':>5}")

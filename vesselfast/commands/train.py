@@ -48,7 +48,7 @@ def run(args) -> int:
             raise UserError(f"{what}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
 
     from vesselfast.pipeline import dist
-    from vesselfast.pipeline.run import run_pipeline
+    from vesselfast.pipeline.launch import run_pipeline
 
     dist.init_from_env(cfg.device)  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
     main_rank = dist.is_main()
@@ -57,6 +57,8 @@ def run(args) -> int:
     finally:
         dist.shutdown()
     if main_rank:
-        best = metrics.get(f"iter{cfg.rounds}", metrics.get("iter0", {}))
+        from vesselfast.pipeline.keys import final_key
+
+        best = metrics.get(final_key(metrics) or "iter0", {})
         print(f"done: {args.out}/report.md  final DSC {best.get('dsc', float('nan')):.4f}")
     return 0

@@ -46,24 +46,13 @@ def thick_mask(mask: torch.Tensor, radius: float = 2) -> torch.Tensor:
     return (hit > 0.5).to(mask.dtype)
 
 
-def _inside_fov(fov: np.ndarray, size: int) -> np.ndarray:
-    """Centres whose size x size crop (origin centre - size // 2) lies wholly inside ``fov``."""
-    import cv2
-
-    kernel = np.ones((size, size), np.uint8)
-    return cv2.erode(fov.astype(np.uint8), kernel, anchor=(size // 2, size // 2), borderType=cv2.BORDER_CONSTANT,
-                     borderValue=0).astype(bool)
-
-
-def random_crops(samples: Sequence, n: int, size: int, rng: np.random.Generator, vessel_centred: float = 0.5,
-                 inside_fov: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+def random_crops(samples: Sequence, n: int, size: int, rng: np.random.Generator,
+                 vessel_centred: float = 0.5) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
     """n random size x size crops from samples (each picked uniformly at random).
 
     ``round(n * vessel_centred)`` of them (in random order among the n) are centred on a random vessel
     pixel; the others are centred on a random field-of-view pixel. Unlabelled samples (mask None) get
-    FOV-centred crops only. ``inside_fov``: only centres whose crop lies wholly inside the field of view
-    (fundus crops then show no FOV rim, which no OCTA image has; an image where no such centre exists
-    falls back to any FOV centre). Crops are clamped to stay inside the image; an image smaller than
+    FOV-centred crops only. Crops are clamped to stay inside the image; an image smaller than
     ``size`` is padded with background (-1, mask 0, fov False) on the bottom/right, never resized.
 
     Returns (images float32 [n,1,size,size], masks float32 [n,1,size,size] or None when any sample has no
@@ -88,11 +77,7 @@ def random_crops(samples: Sequence, n: int, size: int, rng: np.random.Generator,
         key = (j, bool(kinds[i]))
         idx = cache.get(key)
         if idx is None:
-            allowed = s.fov
-            if inside_fov and not s.fov.all():
-                inner = _inside_fov(s.fov, size)
-                allowed = inner if inner.any() else s.fov
-            src = (s.mask.astype(bool) & allowed) if kinds[i] else allowed
+            src = (s.mask.astype(bool) & s.fov) if kinds[i] else s.fov
             if kinds[i] and not src.any():
                 src = s.mask
             idx = np.flatnonzero(src) if src is not None else np.empty(0, np.int64)

@@ -4,13 +4,14 @@ deterministic DDIM inversion. Model-agnostic: ``eps_fn(x_t [B,C,H,W], t LongTens
 The per-step updates are the fused ops of :mod:`vesselfast.ops` (their backend is picked per device).
 Randomness is injectable: ``noise_fn(step, shape) -> Tensor`` replaces the generator, so two
 implementations can be compared on identical noise. ``progress(done, total)`` is called after each
-network evaluation. Each loop evaluates the network once per step; :func:`num_evals` says how many.
+network evaluation. Each loop evaluates the network once per step; the sampler objects of samplers.py
+say how many per image.
 The updates write into two buffers used in turn (:class:`_Buffers`), so a loop allocates no image-sized
 tensor per step (each fresh one over glibc's mmap threshold would be page-faulted in again).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -102,12 +103,3 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t_start
         if progress:
             progress(i + 1, t_start + 1)
     return x
-
-
-def num_evals(sampler: str, schedule: NoiseSchedule, num_steps: int, t0_steps: int) -> int:
-    """Network evaluations per image for a synthesis sampler (inversion not included):
-    'ddpm_noise' (reference: full DDPM from pure noise), 'ddpm_latent' (DDPM from the latent at t0),
-    'ddim_noise' (DDIM with num_steps from noise), 'ddim_latent' (DDIM from the latent at t0)."""
-    ts: List[int] = schedule.ddim_timesteps(num_steps)
-    return {"ddpm_noise": schedule.T, "ddpm_latent": ts[t0_steps] + 1, "ddim_noise": num_steps,
-            "ddim_latent": t0_steps + 1}[sampler]

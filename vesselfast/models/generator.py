@@ -8,8 +8,8 @@ zero-initialised output convolution. H and W must be divisible by 2 ** (len(chan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -67,25 +67,38 @@ class AttentionBlock(nn.Module):
 
 
 @dataclass
-class GeneratorConfig:
-    image_channels: int = 1
+class GeneratorArch:
+    """The generator's architecture, the one place its fields and defaults live: the run config's
+    ``generator`` section extends it (pipeline/config.py), every generator checkpoint stores it
+    (:func:`arch_dict`), and :func:`generator_from_dict` rebuilds the network from it. The defaults are
+    the CPU presets' network: base 32, multipliers (1, 2, 2), one residual block, no attention (1.05M
+    parameters). ``attention_levels`` index ``channel_mult``."""
     base_channels: int = 32
-    channel_mult: Tuple[int, ...] = (1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attention_levels: Tuple[int, ...] = (3,)  # indices into channel_mult; 3 = the lowest of (1,2,2,4)
+    channel_mult: Sequence[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attention_levels: Sequence[int] = field(default_factory=list)
     dropout: float = 0.0
+
+
+ARCH_FIELDS = tuple(f.name for f in fields(GeneratorArch))
+
+
+def arch_dict(cfg) -> dict:
+    """The architecture fields of ``cfg`` (a GeneratorArch, the run config's generator section, or a
+    view of it), as saved with every generator stage."""
+    return {name: list(v) if isinstance(v := getattr(cfg, name), (list, tuple)) else v for name in ARCH_FIELDS}
 
 
 class GeneratorUNet(nn.Module):
     """eps_theta(x_t, t, mask). ``forward(x [B,C,H,W], t LongTensor [B], cond [B,1,H,W] or None) -> [B,C,H,W]``."""
 
-    def __init__(self, cfg: GeneratorConfig = GeneratorConfig()):
+    def __init__(self, cfg: Optional[GeneratorArch] = None, image_channels: int = 1):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg if cfg is not None else GeneratorArch()
         ch = cfg.base_channels
         emb_ch = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.input_conv = nn.Conv2d(cfg.image_channels + 1, ch, 3, padding=1)
+        self.input_conv = nn.Conv2d(image_channels + 1, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips = [ch]
         cur = ch
@@ -114,7 +127,7 @@ class GeneratorUNet(nn.Module):
                     blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     blocks.append(nn.Conv2d(cur, cur, 3, padding=1))
                 self.up.append(nn.ModuleList(blocks))
-        self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero(nn.Conv2d(cur, cfg.image_channels, 3, padding=1)))
+        self.out = nn.Sequential(_norm(cur), nn.SiLU(), _zero(nn.Conv2d(cur, image_channels, 3, padding=1)))
         self.divisor = 2 ** (levels - 1)
 
     @staticmethod
@@ -141,8 +154,9 @@ class GeneratorUNet(nn.Module):
 
 
 def generator_from_dict(d: dict) -> GeneratorUNet:
+    """The network of a saved architecture (:func:`arch_dict`)."""
     d = dict(d)
     for key in ("channel_mult", "attention_levels"):
         if key in d:
             d[key] = tuple(d[key])
-    return GeneratorUNet(GeneratorConfig(**d))
+    return GeneratorUNet(GeneratorArch(**d))

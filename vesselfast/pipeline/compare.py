@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 from vesselfast.errors import UserError
-from vesselfast.pipeline.report import load_metrics, model_order
+from vesselfast.pipeline.keys import final_key, model_order
+from vesselfast.pipeline.report import load_metrics
 from vesselfast.pipeline.rundir import RunDir
 
 
@@ -28,11 +29,6 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _final_key(keys: Sequence[str]) -> str:
-    rounds = [k for k in keys if k.startswith("iter") and k[4:].isdigit()]
-    return max(rounds, key=lambda k: int(k[4:])) if rounds else ""
 
 
 def load_run(path: str) -> Dict[str, Any]:
@@ -59,7 +55,7 @@ def compare_runs(paths: Sequence[str]) -> Dict[str, Any]:
     for r in runs:
         keys = sorted(set(first) | set(r["config"]))
         r["changed"] = {k: r["config"].get(k) for k in keys if k != "preset" and r["config"].get(k) != first.get(k)}
-        r["final"] = _final_key(list(r["metrics"]))
+        r["final"] = final_key(r["metrics"])
     models = sorted({k for r in runs for k in r["metrics"]}, key=model_order)
     return {"models": models, "runs": runs}
 

@@ -11,10 +11,25 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from vesselfast.diffusion.samplers import LATENT_SAMPLERS, SAMPLERS
 from vesselfast.errors import UserError
 from vesselfast.hardware import PRECISIONS
+from vesselfast.models.generator import GeneratorArch
 
-SAMPLERS = ("ddim_latent", "ddim_noise", "ddpm_noise", "ddpm_latent")
+# Keys that were renamed or removed: a config (file, --set, an older run's config.yaml) that still uses
+# one is refused with this line.
+RETIRED_KEYS = {
+    "synthesis.ddim_steps": "was renamed synthesis.noise_steps (the ddim_noise sampler's steps; "
+                            "diffusion.ddim_steps is the inversion's grid)",
+    "segmenter.calibrate": "was renamed segmenter.vessel_prior (estimate | source | none | a fraction)",
+    "segmenter.self_train": "was removed: real target crops in the training set lost its ablation "
+                            "(docs/PIPELINE.md, e04)",
+    "segmenter.pseudo_tta": "was removed: flip/rotation-averaged pseudo-labels lost its ablation "
+                            "(docs/PIPELINE.md, e07)",
+    "segmenter.match_synthetic": "was removed (never measured)",
+    "segmenter.first_labels": "was removed (never measured): round 1 is labelled by F^0, as in the paper",
+    "data.crops_inside_fov": "was removed (never measured)",
+}
 
 
 @dataclass
@@ -30,7 +45,6 @@ class DataConfig:
     survey_steps: int = 600               # training steps of the survey's probe
     # source scales (relative to the common calibre) the probe sees at once, so that it is scale-agnostic
     survey_scales: List[float] = field(default_factory=lambda: [0.5, 0.71, 1.0, 1.41, 2.0])
-    crops_inside_fov: bool = False        # source crops wholly inside the fundus FOV (no FOV rim)
     crop: int = 64                        # crop size for every stage
     pool: int = 512                       # crops cut once per domain for training (half vessel-centred)
     synth_crops: int = 200                # source crops inverted and re-synthesised as target images
@@ -43,18 +57,15 @@ class DataConfig:
 class DiffusionConfig:
     T: int = 1000
     schedule: str = "linear"
-    ddim_steps: int = 50
-    t0_ratio: float = 0.3
+    ddim_steps: int = 50       # N, the DDIM grid of the inversion and of the latent samplers
+    t0_ratio: float = 0.3      # t0_steps = round(t0_ratio * N) inversion steps (paper: 15 of 50 -> timestep 300)
     clip: bool = True
 
 
 @dataclass
-class GeneratorTrainConfig:
-    base_channels: int = 32
-    channel_mult: List[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 1
-    attention_levels: List[int] = field(default_factory=list)
-    dropout: float = 0.0
+class GeneratorTrainConfig(GeneratorArch):
+    # the architecture fields (base_channels, channel_mult, num_res_blocks, attention_levels, dropout)
+    # and their defaults come from models.generator.GeneratorArch
     lr: float = 2e-4
     batch_size: int = 8
     steps_source: int = 1000   # G_S
@@ -68,13 +79,13 @@ class GeneratorTrainConfig:
 
 @dataclass
 class SynthesisConfig:
-    # Rounds k >= 1: see SAMPLERS. ddim_noise (50 DDIM steps from noise, conditioned on the source masks)
-    # beat ddim_latent on real data (docs/PIPELINE.md, ablation); the reference code used ddpm_noise.
+    # Rounds k >= 1: see vesselfast/diffusion/samplers.py. ddim_noise (DDIM from noise, conditioned on the
+    # source masks) beat ddim_latent on real data (docs/PIPELINE.md, ablation); the reference code used ddpm_noise.
     sampler: str = "ddim_noise"
     sampler_iter0: str = "ddim_latent"  # iter-0 synthesis from the inversion latents: ddim_latent | ddpm_latent
-    ddim_steps: int = 50           # for ddim_noise
+    noise_steps: int = 50          # DDIM steps of the ddim_noise sampler
     batch_size: int = 16
-    eta: float = 0.0
+    eta: float = 0.0               # DDIM's eta (ddim_latent, ddim_noise)
 
 
 @dataclass
@@ -89,20 +100,15 @@ class SegmenterConfig:
     tile: int = 128
     stride: int = 64
     threshold: float = 0.5
-    # Label-free calibration of F^k: shift the output bias so that the share of target-training pixels
-    # at or above `threshold` equals a vessel-fraction prior. "estimate": the share of target-training
-    # pixels that baseline_histmatch marks (measured per run, no label read); "source": the source masks'
-    # vessel fraction inside the FOV; "none": off; or a number in (0, 1).
-    calibrate: str = "estimate"
-    estimate_cap: bool = True      # "estimate" is at most the source masks' vessel fraction (run.py, vessel_prior)
-    # What F^k trains on besides the synthetic pairs (docs/PIPELINE.md, ablation): histogram-match the
-    # synthetic images to target images; shares of the training set made of histogram-matched source
-    # crops and of real target crops with the round's pseudo-labels (rounds only).
-    match_synthetic: bool = False
-    source_mix: float = 0.25       # 0.25 beat 0.0 on real data (docs/PIPELINE.md, ablation)
-    self_train: float = 0.0
-    pseudo_tta: bool = False        # pseudo-labels averaged over the 8 flips / rotations
-    first_labels: str = "segmenter_0"  # who labels round 1: segmenter_0 (the paper) | baseline_histmatch
+    # Label-free calibration of F^k: shift the output bias so that the marked share of the target
+    # training pixels (at or above `threshold`) equals a vessel-fraction prior. "estimate": the share
+    # baseline_histmatch marks (measured per run, no label read); "source": the source masks' vessel
+    # fraction inside the FOV; "none": no calibration; or a number in (0, 1) (pipeline/calibration.py).
+    vessel_prior: str = "estimate"
+    estimate_cap: bool = True      # "estimate" is at most the source masks' vessel fraction
+    # Share of F^k's training set made of histogram-matched source crops besides the synthetic pairs:
+    # 0.25 beat 0.0 on real data (docs/PIPELINE.md, ablation).
+    source_mix: float = 0.25
 
 
 @dataclass
@@ -112,6 +118,8 @@ class RunConfig:
     device: str = "cpu"
     rounds: int = 3
     ckpt_every: int = 200          # steps between in-stage checkpoints
+    # Train and evaluate the baselines (baseline, baseline_histmatch). With false, baseline_histmatch is
+    # still trained when segmenter.vessel_prior=estimate needs its marked share, but it is not evaluated.
     baselines: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -129,14 +137,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "diffusion": {"T": 100, "ddim_steps": 10},
         "generator": {"base_channels": 8, "channel_mult": [1, 2], "steps_source": 12, "steps_target": 12,
                       "steps_round": 6, "batch_size": 4},
-        "synthesis": {"batch_size": 16, "ddim_steps": 5},
+        "synthesis": {"batch_size": 16, "noise_steps": 5},
         "segmenter": {"channels": [8, 16, 32], "steps_iter0": 12, "steps_round": 6, "batch_size": 4, "tile": 64,
                       "stride": 32},
     },
     # Built-in synthetic data on a 2-core CPU in under 10 minutes with native bf16, under 20 in fp32 on an
     # AVX2-only CPU (docs/PIPELINE.md): a shorter survey, 25-step ddim_noise synthesis in the rounds and
     # generator budgets of 850 / 250 steps (the generators are half of the time).
-    "quick": {"data": {"survey_steps": 300}, "synthesis": {"ddim_steps": 25},
+    "quick": {"data": {"survey_steps": 300}, "synthesis": {"noise_steps": 25},
               "generator": {"steps_source": 850, "steps_target": 850, "steps_round": 250}},
     # Fundus (DRIVE + CHASE_DB1) -> OCTA-500 3M on a 2-core CPU in under an hour.
     "real-cpu": {
@@ -174,6 +182,8 @@ def _merge(dc, updates: Dict[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(dc)}
     for key, value in updates.items():
         name = f"{where}{key}"
+        if name in RETIRED_KEYS:
+            raise UserError(f"config key {name!r} {RETIRED_KEYS[name]}")
         if key not in fields:
             raise UserError(f"unknown config key {name!r}; known: {', '.join(sorted(fields))}")
         current = getattr(dc, key)
@@ -208,7 +218,7 @@ def _coerce(value, current, f, name):
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. segmenter.calibrate=0.07: validate() checks what the key allows
+            return str(value)  # e.g. segmenter.vessel_prior=0.07: validate() checks what the key allows
     elif isinstance(current, list):
         if isinstance(value, list):
             return value
@@ -250,8 +260,9 @@ def validate(cfg: RunConfig) -> None:
         bad(f"data.crop={cfg.data.crop} must be a multiple of {max(div, 16)} and >= 16")
     if cfg.synthesis.sampler not in SAMPLERS:
         bad(f"synthesis.sampler={cfg.synthesis.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if cfg.synthesis.sampler_iter0 not in ("ddim_latent", "ddpm_latent"):
-        bad(f"synthesis.sampler_iter0={cfg.synthesis.sampler_iter0!r}: choose ddim_latent or ddpm_latent")
+    if cfg.synthesis.sampler_iter0 not in LATENT_SAMPLERS:
+        bad(f"synthesis.sampler_iter0={cfg.synthesis.sampler_iter0!r}: choose {' or '.join(LATENT_SAMPLERS)} "
+            "(Iter-0 starts from the inversion latents)")
     if cfg.data.channel not in ("green", "luminance"):
         bad(f"data.channel={cfg.data.channel!r}: choose green or luminance")
     for name in ("generator.precision", "segmenter.precision"):
@@ -261,24 +272,23 @@ def validate(cfg: RunConfig) -> None:
             bad(f"{name}={value!r}: use auto, fp32, bf16 or fp16")
         if value == "fp16" and not cfg.device.startswith("cuda"):
             bad(f"{name}=fp16 needs a GPU (device={cfg.device}); use auto or bf16 on CPU")
-    cal = cfg.segmenter.calibrate
-    if cal not in ("source", "none", "estimate"):
+    prior = cfg.segmenter.vessel_prior
+    if prior not in ("source", "none", "estimate"):
         try:
-            ok = 0.0 < float(cal) < 1.0
+            ok = 0.0 < float(prior) < 1.0
         except ValueError:
             ok = False
         if not ok:
-            bad(f"segmenter.calibrate={cal!r}: use estimate, source, none, or a vessel fraction in (0, 1)")
+            bad(f"segmenter.vessel_prior={prior!r}: use estimate, source, none, or a vessel fraction in (0, 1)")
     if cfg.data.source_scale is not None and not cfg.data.source_scale > 0:
         bad(f"data.source_scale={cfg.data.source_scale} must be > 0 (or null: estimated by the survey)")
     if not cfg.data.survey_scales or not all(isinstance(v, (int, float)) and v > 0 for v in cfg.data.survey_scales):
         bad(f"data.survey_scales={cfg.data.survey_scales!r}: give a list of factors > 0, e.g. [0.5, 1.0, 2.0]")
     s = cfg.segmenter
-    if not (0 <= s.source_mix < 1 and 0 <= s.self_train < 1 and s.source_mix + s.self_train < 1):
-        bad(f"segmenter.source_mix={s.source_mix} and segmenter.self_train={s.self_train} must be shares in [0, 1) "
-            "that leave room for the synthetic pairs (sum < 1)")
-    if s.first_labels not in ("segmenter_0", "baseline_histmatch"):
-        bad(f"segmenter.first_labels={s.first_labels!r}: choose segmenter_0 or baseline_histmatch")
+    if not 0 <= s.source_mix < 1:
+        bad(f"segmenter.source_mix={s.source_mix} must be a share in [0, 1) (the rest are the synthetic pairs)")
+    if not 1 <= cfg.synthesis.noise_steps <= cfg.diffusion.T:
+        bad(f"synthesis.noise_steps={cfg.synthesis.noise_steps} must be in [1, diffusion.T={cfg.diffusion.T}]")
     if cfg.rounds < 0:
         bad(f"rounds={cfg.rounds} must be >= 0")
     for name in ("generator.steps_source", "generator.steps_target", "segmenter.steps_iter0", "data.pool",

@@ -8,24 +8,18 @@ import torch
 
 from vesselfast.data import thick_mask
 from vesselfast.data.augment import augment
-from vesselfast.diffusion import NoiseSchedule, ddim_invert, ddim_sample, ddpm_sample, num_evals
-from vesselfast.models import EMA, GeneratorUNet, GradScaling, autocast, generator_from_dict, to_memory_format
+from vesselfast.diffusion import NoiseSchedule, Sampler, ddim_invert
+from vesselfast.models import EMA, GeneratorUNet, GradScaling, arch_dict, autocast, generator_from_dict, to_memory_format
 from vesselfast.ops import vessel_noise_loss
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.config import GeneratorTrainConfig
 from vesselfast.pipeline.loop import run_training
 
 
-def generator_arch(gcfg: GeneratorTrainConfig) -> dict:
-    """The architecture part of the generator config, as saved with every generator stage."""
-    return {"base_channels": gcfg.base_channels, "channel_mult": list(gcfg.channel_mult),
-            "num_res_blocks": gcfg.num_res_blocks, "attention_levels": list(gcfg.attention_levels),
-            "dropout": gcfg.dropout}
-
-
 def build_generator(gcfg: GeneratorTrainConfig, seed: int) -> GeneratorUNet:
+    """A fresh generator of ``gcfg``'s architecture, initialised from ``seed``."""
     torch.manual_seed(seed)
-    return generator_from_dict(generator_arch(gcfg))
+    return generator_from_dict(arch_dict(gcfg))
 
 
 def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[torch.Tensor], steps: int,
@@ -113,62 +107,32 @@ def invert(eps_model: EpsModel, images: torch.Tensor, masks: torch.Tensor, sched
     return torch.cat(out) if out else images.new_zeros((0, *images.shape[1:]), dtype=torch.float32)
 
 
-def draws_noise(sampler: str, eta: float) -> bool:
-    """Whether a sampler consumes random numbers (everything but deterministic DDIM from the latent)."""
-    return sampler != "ddim_latent" or eta > 0
-
-
-def synthesize(eps_model: EpsModel, sampler: str, masks: torch.Tensor, latents: Optional[torch.Tensor],
-               schedule: NoiseSchedule, ddim_steps: int, t0_steps: int, sample_steps: int, batch_size: int,
-               seed: int, conditional: bool, clip: bool = True, eta: float = 0.0, progress=None,
+def synthesize(eps_model: EpsModel, sampler: Sampler, masks: torch.Tensor, latents: Optional[torch.Tensor],
+               schedule: NoiseSchedule, batch_size: int, seed: int, conditional: bool, progress=None,
                batches: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Target-style images [N, 1, h, w] in [-1, 1], one per source mask. Samplers:
-    'ddim_latent' / 'ddpm_latent': from the inversion latent at t0 (DDIM over the respaced steps / every
-    DDPM step); 'ddim_noise': DDIM with ``sample_steps`` from pure noise; 'ddpm_noise': the reference
-    code's full DDPM from pure noise. ``conditional``: feed the source masks (G_T^k, k >= 1) or zeros (G_T^0).
+    """Target-style images [N x 1 x h x w] in [-1, 1], one per source mask [N x 1 x h x w], with
+    ``sampler`` (vesselfast/diffusion/samplers.py; the latent samplers start from ``latents``
+    [N x 1 x h x w]). ``conditional``: feed the source masks (G_T^k, k >= 1) or zeros (G_T^0).
 
     One generator (``seed``, on the model's device) feeds the batches in order. ``batches`` (start
     indices; default all) computes only those batches; for a sampler that draws noise, the batches
     before them are replayed with a zero noise prediction, which draws exactly the same random numbers
     without running the network, so a rank's share equals the same rows of a one-process run."""
     g = torch.Generator(device=eps_model.device).manual_seed(seed)
-    t_latent = schedule.ddim_timesteps(ddim_steps)[t0_steps]
     own = set(_starts(masks.shape[0], batch_size, batches))
-    stochastic = draws_noise(sampler, eta)
+    stochastic = sampler.draws_noise()
     out, done = [], 0
     for i in range(0, masks.shape[0], batch_size):
         if i not in own and not (stochastic and i < max(own, default=-1)):
             continue
         m = masks[i:i + batch_size]
-        if sampler.endswith("_latent"):
-            x = latents[i:i + batch_size].to(eps_model.device).float()
-        else:
-            x = torch.randn(m.shape, generator=g, device=g.device).to(eps_model.device)
+        x = sampler.start(None if latents is None else latents[i:i + batch_size], m.shape, eps_model.device, g)
         if i in own:
             eps_model.cond = m.to(eps_model.device) if conditional else None
-            y = _sample(eps_model, sampler, schedule, x, ddim_steps, t0_steps, t_latent, sample_steps, eta, clip, g)
-            out.append(y.clamp(-1, 1).cpu())
+            out.append(sampler.sample(eps_model, schedule, x, g).clamp(-1, 1).cpu())
             done += m.shape[0]
             if progress:
                 progress(done)
         else:  # another rank's batch: only advance the generator as computing it would
-            _sample(lambda x_t, t: torch.zeros_like(x_t), sampler, schedule, x, ddim_steps, t0_steps, t_latent,
-                    sample_steps, eta, clip, g)
+            sampler.sample(lambda x_t, t: torch.zeros_like(x_t), schedule, x, g)
     return torch.cat(out) if out else masks.new_zeros((0, *masks.shape[1:]), dtype=torch.float32)
-
-
-def _sample(eps_fn, sampler, schedule, x, ddim_steps, t0_steps, t_latent, sample_steps, eta, clip, g):
-    if sampler == "ddim_latent":
-        return ddim_sample(eps_fn, schedule, x, ddim_steps, start_index=t0_steps, eta=eta, clip=clip, generator=g)
-    if sampler == "ddpm_latent":
-        return ddpm_sample(eps_fn, schedule, x, t_start=t_latent, clip=clip, generator=g)
-    if sampler == "ddim_noise":
-        return ddim_sample(eps_fn, schedule, x, sample_steps, eta=eta, clip=clip, generator=g)
-    if sampler == "ddpm_noise":
-        return ddpm_sample(eps_fn, schedule, x, clip=clip, generator=g)
-    raise ValueError(f"unknown sampler {sampler!r}")
-
-
-def evals_per_image(sampler: str, schedule: NoiseSchedule, ddim_steps: int, t0_steps: int, sample_steps: int) -> int:
-    steps = sample_steps if sampler == "ddim_noise" else ddim_steps
-    return num_evals(sampler, schedule, steps, t0_steps)

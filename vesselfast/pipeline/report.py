@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from vesselfast.pipeline.keys import model_order
 from vesselfast.pipeline.rundir import RunDir
 
 SUMMARY_KEYS = ("dsc", "dsc_std", "auc", "auc_std", "acc", "acc_std", "ahd", "ahd_std", "n_images")
@@ -28,11 +29,6 @@ def strict_json(obj):
 def load_metrics(run: RunDir) -> Dict:
     p = run.root / "metrics.json"
     return json.loads(p.read_text()) if p.exists() else {}
-
-
-def model_order(key: str):
-    fixed = {"source": -1, "baseline": 0, "baseline_histmatch": 1}
-    return (fixed.get(key, 2), int(key[4:]) if key.startswith("iter") and key[4:].isdigit() else -1, key)
 
 
 def save_metrics(run: RunDir, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None) -> None:

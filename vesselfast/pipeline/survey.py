@@ -27,13 +27,27 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
+import numpy as np
+import torch
+
+from vesselfast.data import random_crops
+from vesselfast.data.calibre import mean_calibre
+from vesselfast.pipeline.baselines import histmatch_crops
+from vesselfast.pipeline.calibration import marked_share
+from vesselfast.pipeline.inputs import DATA_KEYS, Inputs, source_at
+from vesselfast.pipeline.rundir import LOG
+from vesselfast.pipeline.segmentation import probability_maps, train_segmenter
+from vesselfast.pipeline.stages import SEGMENTER_KEYS, Context
+
+SURVEY_KEYS = DATA_KEYS + SEGMENTER_KEYS + ("data.survey_steps", "data.survey_scales")
+
 
 @dataclass
 class SurveyResult:
     source_calibres: Dict[str, float]   # folder -> mean labelled width at its native size
     reference_calibre: float            # c_ref: the common calibre the probe's scales are relative to
     target_calibre: float               # c_T: mean width of what the probe marks on the target images
-    target_share: float                 # share of target pixels the probe marks (logged)
+    marked_share: float                 # share of target pixels the probe marks (logged)
     factors: Dict[str, float]           # folder -> c_T / c_d
     note: str = ""
 
@@ -53,3 +67,39 @@ def run_survey(source_calibres: Dict[str, float], scales: Sequence[float],
         width, note = c_ref, "the probe marked no vessel on the target images: sources kept at the common calibre"
     return SurveyResult(dict(source_calibres), c_ref, width, share,
                         {d: width / c for d, c in source_calibres.items()}, note)
+
+
+def probe(ctx: Context, view, inputs: Inputs) -> Callable[[Sequence[Dict[str, float]]], Tuple[float, float]]:
+    """The survey's probe for :func:`run_survey`: trains one segmenter on the source at every factor set
+    (an equal share of ``data.pool`` crops each), histogram-matched to target images, and returns the mean
+    width and the marked share of what it marks on the target training images."""
+    def measure(factor_sets):
+        s, d = view.segmenter, view.data
+        rng = np.random.default_rng(ctx.stream("survey_crops"))
+        share = max(1, d.pool // len(factor_sets))
+        crops = [random_crops(source_at(view, factors, ctx.seed), share, d.crop, rng) for factors in factor_sets]
+        images = torch.as_tensor(np.concatenate([im for im, _, _ in crops]))
+        masks = torch.as_tensor(np.concatenate([m for _, m, _ in crops]))
+        matched = histmatch_crops(images, inputs.target_images, ctx.stream("survey_histmatch"))
+        model = train_segmenter(matched, masks, d.survey_steps, s.batch_size, s.lr, ctx.stream("survey_probe"),
+                                ctx.device, s.precision, channels=s.channels, desc="survey probe")
+        probs = probability_maps(model, inputs.target_images, s.tile, s.stride, ctx.device, s.precision, "survey")
+        return mean_calibre(p >= s.threshold for p in probs), marked_share(probs, s.threshold)
+    return measure
+
+
+def survey_stage(ctx: Context, inputs: Inputs) -> Dict[str, float]:
+    """Source folder -> rescale factor: fixed by ``data.source_scale``, else estimated by the survey."""
+    def compute(view):
+        calibres = {folder: mean_calibre(s.mask for s in inputs.sources[folder]) for folder in view.data.source}
+        res = run_survey(calibres, view.data.survey_scales, probe(ctx, view, inputs))
+        LOG.info(f"survey: target calibre {res.target_calibre:.2f} px (source calibres "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in res.source_calibres.items()) + "); rescale factors "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in res.factors.items())
+                 + f"; the probe marks {100 * res.marked_share:.1f}% of the target pixels"
+                 + (f" ({res.note})" if res.note else ""))
+        info = {"source_calibres": {k: round(v, 4) for k, v in res.source_calibres.items()},
+                "target_calibre": round(res.target_calibre, 4), "marked_share": round(res.marked_share, 5),
+                "factors": {k: round(v, 4) for k, v in res.factors.items()}, "note": res.note}
+        return {"factors": dict(res.factors), "_info": info}
+    return dict(ctx.cache.stage("survey", SURVEY_KEYS, (), compute)["factors"])

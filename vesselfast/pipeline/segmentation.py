@@ -1,11 +1,12 @@
 """Training of the segmenter F (BCE + soft Dice, Adam, poly learning-rate schedule) and its use on
-whole images. Used for F^0..F^K, the baselines, and the domain-gap measurement."""
+whole images. Used for F^0..F^K, the baselines, the survey's probe and the domain-gap measurement."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from vesselfast.data.augment import augment
 from vesselfast.inference import sliding_window_probs, torch_batch_fn
@@ -56,18 +57,20 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, steps: int, batch
 
 
 def predict_probs(model: SegmenterUNet, image: np.ndarray, tile: int = 256, stride: int = 128, device: str = "cpu",
-                  precision: str = "auto", tta: bool = False) -> np.ndarray:
-    """Vessel probability map [H, W] of one preprocessed image [H, W] (sliding window, channels_last);
-    ``tta``: the mean over the 8 flips / 90-degree rotations of the image (each mapped back)."""
-    fn = torch_batch_fn(model, device, precision, channels_last=True)
-    if not tta:
-        return sliding_window_probs(fn, image, tile, stride)
-    total = np.zeros(image.shape, np.float64)
-    for k in range(4):
-        for flip in (False, True):
-            view = np.rot90(image, k)
-            view = view[:, ::-1] if flip else view
-            p = sliding_window_probs(fn, np.ascontiguousarray(view), tile, stride)
-            p = p[:, ::-1] if flip else p
-            total += np.rot90(p, -k)
-    return (total / 8).astype(np.float32)
+                  precision: str = "auto") -> np.ndarray:
+    """Vessel probability map [H x W] of one preprocessed image [H x W] (sliding window, channels_last)."""
+    return sliding_window_probs(torch_batch_fn(model, device, precision, channels_last=True), image, tile, stride)
+
+
+def probability_maps(model: SegmenterUNet, images: List[np.ndarray], tile: int, stride: int, device: str,
+                     precision: str, desc: str) -> List[np.ndarray]:
+    """Probability maps [H x W] of ``model`` on preprocessed ``images`` [H x W], each rank computing a
+    contiguous share, gathered in order (every probability map a run computes goes through here)."""
+    own = dist.shard(images)
+    bar = tqdm(total=len(own), desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True)
+    out = []
+    for image in own:
+        out.append(predict_probs(model, image, tile, stride, device, precision))
+        bar.update(1)
+    bar.close()
+    return dist.gather(out)

@@ -1,0 +1,46 @@
+"""Names of the models a run evaluates: the one place that maps a segmenter stage to its key in
+metrics.json and orders those keys.
+
+    stage               metric key
+    baseline            baseline             segmenter on preprocessed source crops
+    baseline_histmatch  baseline_histmatch   the same on histogram-matched source crops (the anchor)
+    segmenter_0         iter0                F^0, on the Iter-0 synthetic pairs
+    segmenter_k         iterk                F^k, the k-th co-optimisation round
+
+``source`` appears only among the diagnostics (the source crops' distance to the target).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Tuple
+
+BASELINES = ("baseline", "baseline_histmatch")
+_ROUND = re.compile(r"iter(\d+)")
+_SEGMENTER = re.compile(r"segmenter_(\d+)")
+
+
+def metric_key(stage: str) -> Optional[str]:
+    """Stage name -> metrics.json key; None for a stage that is not an evaluated segmenter."""
+    if stage in BASELINES:
+        return stage
+    m = _SEGMENTER.fullmatch(stage)
+    return f"iter{m.group(1)}" if m else None
+
+
+def round_of(key: str) -> Optional[int]:
+    """iterk -> k; None for the baselines and other keys."""
+    m = _ROUND.fullmatch(key)
+    return int(m.group(1)) if m else None
+
+
+def final_key(keys: Iterable[str]) -> str:
+    """The last round among ``keys`` (``iterK`` with the largest K), or "" when there is none."""
+    rounds = [(round_of(k), k) for k in keys if round_of(k) is not None]
+    return max(rounds)[1] if rounds else ""
+
+
+def model_order(key: str) -> Tuple[int, int, str]:
+    """Sort key: source, baselines, then iter0, iter1, ..."""
+    fixed = {"source": -1, "baseline": 0, "baseline_histmatch": 1}
+    k = round_of(key)
+    return fixed.get(key, 2), -1 if k is None else k, key

@@ -1,0 +1,245 @@
+"""The stages of the method, one function each: what a stage reads from the config (its declared slice,
+see cache.py), what it consumes (its arguments and the stages named in ``inputs``) and what it keeps.
+run.py calls them in the method's order.
+
+Every function takes the :class:`Context` first: the stage cache and the plumbing that changes no result
+(device, run directory, checkpoint interval). Crops are [N x 1 x c x c] float32 tensors in [-1, 1],
+masks [N x 1 x c x c] in {0, 1}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vesselfast.checkpoint import segmenter_from_state
+from vesselfast.data import Sample, preprocessing_spec, random_crops
+from vesselfast.diffusion import NoiseSchedule, make_sampler, t0_index
+from vesselfast.diffusion.samplers import settings_of
+from vesselfast.models import arch_dict, generator_from_dict
+from vesselfast.models.generator import ARCH_FIELDS
+from vesselfast.pipeline import dist
+from vesselfast.pipeline.cache import ConfigSlice, StageCache
+from vesselfast.pipeline.calibration import logit_shift, marked_share, vessel_prior
+from vesselfast.pipeline.generative import EpsModel, build_generator, invert, synthesize, train_generator
+from vesselfast.pipeline.rundir import LOG, RunDir
+from vesselfast.pipeline.seeds import stream_seed
+from vesselfast.pipeline.segmentation import probability_maps, train_segmenter
+
+# Declared config slices (dotted keys), by kind of stage.
+SCHEDULE_KEYS = ("diffusion.T", "diffusion.schedule")
+GENERATOR_KEYS = tuple(f"generator.{f}" for f in ARCH_FIELDS) + (
+    "generator.lr", "generator.batch_size", "generator.ema_decay", "generator.precision") + SCHEDULE_KEYS
+INVERSION_KEYS = SCHEDULE_KEYS + ("diffusion.ddim_steps", "diffusion.t0_ratio", "diffusion.clip",
+                                  "synthesis.batch_size", "generator.precision", "data.synth_crops")
+SEGMENTER_KEYS = ("segmenter.channels", "segmenter.lr", "segmenter.batch_size", "segmenter.precision",
+                  "segmenter.tile", "segmenter.stride", "segmenter.threshold", "data.clahe")
+CALIBRATION_KEYS = ("segmenter.vessel_prior", "segmenter.estimate_cap")
+PSEUDO_LABEL_KEYS = ("segmenter.precision", "data.pool", "data.crop")
+# a sampler's fields (its identity, diffusion/samplers.py) and the config keys each comes from
+SAMPLER_SETTING_KEYS = {"clip": ("diffusion.clip",), "ddim_steps": ("diffusion.ddim_steps",),
+                        "t0_steps": ("diffusion.ddim_steps", "diffusion.t0_ratio"),
+                        "noise_steps": ("synthesis.noise_steps",), "eta": ("synthesis.eta",)}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage gets besides its config slice: nothing here changes a stage's result."""
+    cache: StageCache
+    run: RunDir
+    seed: int          # the run seed: stream_seed(seed, name) seeds each stage's random stream
+    device: str
+    ckpt_every: int    # steps between in-stage checkpoints
+
+    def stream(self, name: str) -> int:
+        return stream_seed(self.seed, name)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the label-free calibration of a segmenter stage needs (calibration.py)."""
+    target_images: List[np.ndarray]   # the target training images [H x W], no labels
+    source_fraction: float            # the source masks' vessel fraction inside the FOV
+    estimate: Optional[float]         # the share baseline_histmatch marks (vessel_prior=estimate)
+
+
+def schedule_of(view: ConfigSlice) -> NoiseSchedule:
+    return NoiseSchedule.make(view.diffusion.schedule, view.diffusion.T)
+
+
+def t0_steps_of(view: ConfigSlice) -> int:
+    """Inversion steps t0_steps = round(t0_ratio * N) on the N-step DDIM grid (not a timestep)."""
+    return t0_index(view.diffusion.t0_ratio, view.diffusion.ddim_steps)
+
+
+def generator_of(state: Dict):
+    """The EMA generator of a generator stage's result."""
+    model = generator_from_dict(state["arch"])
+    model.load_state_dict(state["ema"])
+    return model
+
+
+def _bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if dist.is_main() else True)
+    return bar, (lambda done: bar.update(done - bar.n))
+
+
+def segmenter_probs(ctx: Context, state: Dict, images: List[np.ndarray], precision: str, desc: str) -> List[np.ndarray]:
+    """Probability maps [H x W] of a saved segmenter (``state``: a segmenter stage's result, whose tile
+    and stride it uses) on preprocessed ``images`` [H x W], sharded over the ranks."""
+    return probability_maps(segmenter_from_state(state), images, state["tile"], state["stride"], ctx.device,
+                            precision, desc)
+
+
+# -- generators ---------------------------------------------------------------------------------------
+def generator_stage(ctx: Context, name: str, images: torch.Tensor, masks: Optional[torch.Tensor], steps_key: str,
+                    inputs: Sequence[str], init: Optional[Dict] = None) -> Dict:
+    """Trains a generator on ``images`` (conditioned on ``masks``, or unconditional with None) for
+    ``generator.<steps_key>`` steps, from scratch or fine-tuned from ``init`` (the stage ``inputs[-1]``)."""
+    def compute(view):
+        g, seed = view.generator, ctx.stream(name)
+        steps = getattr(g, steps_key)
+        model = build_generator(g, seed)
+        if init is not None:
+            model.load_state_dict(init["model"])
+        ema = train_generator(model, images, masks, steps, g, schedule_of(view), seed, ctx.device, ctx.run, name,
+                              ctx.ckpt_every, desc=name, ema_init=None if init is None else init["ema"])
+        return {"arch": arch_dict(g), "model": model.state_dict(), "ema": ema.state_dict(), "_info": {"steps": steps}}
+    return ctx.cache.stage(name, GENERATOR_KEYS + (f"generator.{steps_key}",), inputs, compute)
+
+
+def invert_stage(ctx: Context, g_s: Dict, src_images: torch.Tensor, src_masks: torch.Tensor) -> torch.Tensor:
+    """Latent similarity mining: DDIM inversion of the first ``data.synth_crops`` source crops with G_S
+    conditioned on their own masks, for t0_steps steps; float32 latents [n x 1 x c x c]."""
+    def compute(view):
+        n, batch = view.data.synth_crops, view.synthesis.batch_size
+        images, masks, t0_steps = src_images[:n], src_masks[:n], t0_steps_of(view)
+        eps_model = EpsModel(generator_of(g_s), view.generator.precision, ctx.device)
+        bar, progress = _bar(dist.own_rows(n, batch), "invert")
+        latents = dist.gather_tensor_batches(
+            lambda batches: invert(eps_model, images, masks, schedule_of(view), view.diffusion.ddim_steps, t0_steps,
+                                   batch, view.diffusion.clip, progress, batches=batches), images.shape[0], batch)
+        bar.close()
+        return {"latents": latents, "_info": {"t0_steps": t0_steps, "unet_evals_per_image": t0_steps,
+                                              "unet_evals": dist.total(eps_model.evals)}}
+    return ctx.cache.stage("invert", INVERSION_KEYS, ("data", "pretrain_source"), compute)["latents"]
+
+
+def sampler_keys(sampler_name: str) -> tuple:
+    """The config keys the sampler ``sampler_name`` is made of (part of a synthesis stage's identity)."""
+    return tuple(sorted({key for setting in settings_of(sampler_name) for key in SAMPLER_SETTING_KEYS[setting]}))
+
+
+def synthesize_stage(ctx: Context, name: str, g_t: Dict, sampler_key: str, latents: torch.Tensor,
+                     masks: torch.Tensor, conditional: bool, inputs: Sequence[str]) -> torch.Tensor:
+    """Target-style images [n x 1 x c x c] from G_T (``g_t``), one per source mask ``masks`` [n x 1 x c x c],
+    with the sampler named by ``synthesis.<sampler_key>``; ``conditional``: G_T^k sees the masks (k >= 1)."""
+    sampler_name = ctx.cache.choice(f"synthesis.{sampler_key}")
+    keys = SCHEDULE_KEYS + ("synthesis.batch_size", "generator.precision", f"synthesis.{sampler_key}") \
+        + sampler_keys(sampler_name)
+
+    def compute(view):
+        settings = {"clip": view.diffusion.clip}
+        wanted = sampler_keys(sampler_name)
+        if "diffusion.ddim_steps" in wanted:
+            settings.update(ddim_steps=view.diffusion.ddim_steps, t0_steps=t0_steps_of(view))
+        if "synthesis.noise_steps" in wanted:
+            settings["noise_steps"] = view.synthesis.noise_steps
+        if "synthesis.eta" in wanted:
+            settings["eta"] = view.synthesis.eta
+        sampler, schedule, batch = make_sampler(sampler_name, **settings), schedule_of(view), view.synthesis.batch_size
+        eps_model = EpsModel(generator_of(g_t), view.generator.precision, ctx.device)
+        bar, progress = _bar(dist.own_rows(masks.shape[0], batch), name)
+        images = dist.gather_tensor_batches(
+            lambda batches: synthesize(eps_model, sampler, masks, latents, schedule, batch, ctx.stream(name),
+                                       conditional, progress, batches=batches), masks.shape[0], batch)
+        bar.close()
+        per_image, evals = sampler.evals_per_image(schedule), dist.total(eps_model.evals)
+        assert evals == per_image * masks.shape[0]
+        return {"images": images, "_info": {"sampler": sampler_name, "unet_evals_per_image": per_image,
+                                            "unet_evals": evals}}
+    return ctx.cache.stage(name, keys, inputs, compute)["images"]
+
+
+# -- segmenters ---------------------------------------------------------------------------------------
+def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.Tensor, steps_key: str,
+                    inputs: Sequence[str], init: Optional[Dict] = None, calibration: Optional[Calibration] = None,
+                    measure_on: Optional[List[np.ndarray]] = None,
+                    source_mix: Optional[tuple] = None, extra_keys: Sequence[str] = ()) -> Dict:
+    """Trains a segmenter on ``images`` / ``masks`` for ``segmenter.<steps_key>`` steps, fine-tuned from
+    ``init`` when given. ``source_mix``: (histogram-matched source crops, their masks) mixed into the
+    training set as ``segmenter.source_mix`` of it (:func:`training_set`). ``calibration``: shift the
+    output logits to the vessel prior afterwards. ``measure_on`` (target images [H x W]): keep the share
+    it marks there (``marked_share``, calibration.py)."""
+    keys = SEGMENTER_KEYS + (f"segmenter.{steps_key}",) + tuple(extra_keys)
+    if source_mix is not None:
+        keys += ("segmenter.source_mix",)
+    if calibration is not None:
+        keys += CALIBRATION_KEYS
+        if ctx.cache.choice("segmenter.vessel_prior") == "estimate":
+            inputs = tuple(inputs) + ("baseline_histmatch",)
+
+    def compute(view):
+        s = view.segmenter
+        steps = getattr(s, steps_key)
+        x, y = (images, masks) if source_mix is None else training_set(ctx, name, s.source_mix, images, masks,
+                                                                        *source_mix)
+        model = segmenter_from_state(init) if init is not None else None
+        model = train_segmenter(x, y, steps, s.batch_size, s.lr, ctx.stream(name), ctx.device, s.precision,
+                                model=model, channels=s.channels, run=ctx.run, stage=name,
+                                ckpt_every=ctx.ckpt_every, desc=name)
+        info, extra = {"steps": steps}, {}
+
+        def probs_on(target_images, what):
+            return probability_maps(model, target_images, s.tile, s.stride, ctx.device, s.precision, f"{what} {name}")
+        if calibration is not None:
+            prior, note = vessel_prior(s.vessel_prior, calibration.source_fraction, calibration.estimate,
+                                       s.estimate_cap)
+            if prior is not None:
+                shift, before = logit_shift(probs_on(calibration.target_images, "calibrate"), prior, s.threshold)
+                with torch.no_grad():
+                    model.head.bias += shift
+                LOG.info(f"{name}: calibrated to vessel fraction {prior:.4f} (was {before:.4f}); logit shift "
+                         f"{shift:+.3f}" + (f" ({note})" if note else ""))
+                info.update(calibration_prior=round(prior, 5), marked_share_before=round(before, 5),
+                            logit_shift=round(shift, 4))
+        if measure_on is not None:
+            extra["marked_share"] = marked_share(probs_on(measure_on, "target share"), s.threshold)
+            info["marked_share"] = round(extra["marked_share"], 5)
+            LOG.info(f"{name}: marks {100 * extra['marked_share']:.2f}% of the target training pixels")
+        meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": s.tile,
+                "stride": s.stride, "threshold": s.threshold}
+        return {"channels": list(s.channels), "model": model.state_dict(), **meta, **extra, "_info": info}
+    return ctx.cache.stage(name, keys, inputs, compute)
+
+
+def pseudo_label_stage(ctx: Context, k: int, labeller: Dict, labeller_name: str, target_train: List[Sample]) -> Dict:
+    """Round k's pseudo-labels: ``labeller`` (F^{k-1}) on the real target training images, thresholded at
+    its own threshold, and ``data.pool`` crops of them (images and labels [pool x 1 x c x c])."""
+    name = f"pseudo_label_{k}"
+
+    def compute(view):
+        probs = segmenter_probs(ctx, labeller, [s.image for s in target_train], view.segmenter.precision,
+                                f"pseudo-label {k}")
+        labels = [(p >= labeller["threshold"]).astype(np.uint8) for p in probs]
+        crops, masks, _ = random_crops(
+            [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(target_train, labels)],
+            view.data.pool, view.data.crop, np.random.default_rng(ctx.stream(name)))
+        return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks),
+                "_info": {"marked_share": marked_share(probs, labeller["threshold"])}}
+    return ctx.cache.stage(name, PSEUDO_LABEL_KEYS, ("data", labeller_name), compute)
+
+
+def training_set(ctx: Context, name: str, source_mix: float, synth_images: torch.Tensor, synth_masks: torch.Tensor,
+                 matched_source: torch.Tensor, source_masks: torch.Tensor):
+    """What F^k trains on: the synthetic pairs plus, as ``source_mix`` (``segmenter.source_mix``) of the
+    whole set, histogram-matched source crops drawn at random (stream ``<name>_mix``)."""
+    n = int(round(source_mix / (1.0 - source_mix) * synth_images.shape[0]))
+    if n == 0:
+        return synth_images, synth_masks
+    rng = np.random.default_rng(ctx.stream(f"{name}_mix"))
+    idx = torch.as_tensor(rng.choice(matched_source.shape[0], size=n, replace=n > matched_source.shape[0]))
+    return torch.cat([synth_images, matched_source[idx]]), torch.cat([synth_masks, source_masks[idx]])
