@@ -1,6 +1,6 @@
 """Benchmark group ``segmenter``: the segmenter's training step and its inference on OCTA-sized images.
 
-- ``segmenter_train_step``: :func:`vesselfast.pipeline.segmenter.train_segmenter` (BCE + soft Dice, Adam,
+- ``segmenter_train_step``: :func:`vesselfast.pipeline.segmentation.train_segmenter` (BCE + soft Dice, Adam,
   channels_last) on 64 px crops, batch 8, fp32 (reference) and bf16 autocast; time per step.
 - ``infer_whole`` / ``infer_tiled``: one preprocessed image of 304 px (OCTA-500 3M) or 400 px (6M) through
   :class:`vesselfast.export.Segmenter`: the whole image in one pass, or sliding windows of 256 px with
@@ -16,7 +16,7 @@ import pytest
 from conftest import QUICK, bench_device, record, timed
 from models import CROP, SEG_CHANNELS, images_and_masks, segmenter, skip_unless_runs
 
-from vesselfast.export.segmenter import Segmenter
+from vesselfast.export.api import Segmenter
 from vesselfast.pipeline.segmentation import train_segmenter
 
 GROUP = "segmenter"

@@ -2,6 +2,6 @@
 :class:`Segmenter`, the one inference interface for every format and runtime (docs/EXPORT.md)."""
 from vesselfast.export.metadata import read_onnx as read_onnx_metadata
 from vesselfast.export.onnx_export import export_onnx
-from vesselfast.export.segmenter import Segmenter
+from vesselfast.export.api import Segmenter
 
 __all__ = ["Segmenter", "export_onnx", "read_onnx_metadata"]

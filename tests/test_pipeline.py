@@ -220,8 +220,6 @@ def test_calibration_matches_the_vessel_prior(tiny_run, tmp_path, prior):
     """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the configured prior
     (no target label involved): the share baseline_histmatch marks on the target training images
     (capped at the source's), or the source masks' vessel fraction inside the FOV."""
-    import numpy as np
-
     from vesselfast.pipeline.calibration import marked_share
     from vesselfast.pipeline.stages import Context, segmenter_probs
 

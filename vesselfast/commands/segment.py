@@ -31,7 +31,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from vesselfast.errors import UserError
-    from vesselfast.export.segmenter import Segmenter, model_kind, torch_device
+    from vesselfast.export.api import Segmenter, model_kind, torch_device
     from vesselfast.hardware import option_precision
     from vesselfast.export.files import expand_inputs
     from vesselfast.commands.measure import CSV_NAME, check_pixel_size, measure_files

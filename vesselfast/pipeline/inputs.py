@@ -51,12 +51,13 @@ def load_samples(view, paths: List[str], role: str, split: str, read_labels: boo
                  scales: Optional[Sequence[float]] = None, seed: int = 0) -> List[Sample]:
     """One domain from its folders (or the built-in data, drawn from ``seed``), each folder at its
     factor in ``scales``. ``view``: the config (or a slice of it) with the ``data`` keys it reads."""
-    d = view.data
+    data_cfg = view.data
     scales = list(scales) if scales is not None else [1.0] * len(paths)
     if list(paths) == ["builtin"]:
-        n = d.builtin_test_n if split == "test" else d.builtin_n
-        return builtin_domain(role, split, n, d.builtin_size, seed, scale=scales[0])
-    return load_domain(list(paths), role, split, read_labels, channel=d.channel, scale=scales, clahe=d.clahe)
+        n = data_cfg.builtin_test_n if split == "test" else data_cfg.builtin_n
+        return builtin_domain(role, split, n, data_cfg.builtin_size, seed, scale=scales[0])
+    return load_domain(list(paths), role, split, read_labels, channel=data_cfg.channel, scale=scales,
+                       clahe=data_cfg.clahe)
 
 
 def check_crop(samples: List[Sample], crop: int, where: str) -> None:
@@ -70,14 +71,15 @@ def check_crop(samples: List[Sample], crop: int, where: str) -> None:
 
 def load_inputs(cfg) -> Inputs:
     """Every image of the run's folders (``cfg``: the RunConfig), checked before anything is written."""
-    d = cfg.data
-    sources = {folder: load_samples(cfg, [folder], "source", "train", True, seed=cfg.seed) for folder in d.source}
-    target_train = load_samples(cfg, [d.target], "target", "train", False, seed=cfg.seed)
-    target_test = load_samples(cfg, [d.target_test or d.target], "target", "test", True, seed=cfg.seed)
+    data_cfg = cfg.data
+    sources = {folder: load_samples(cfg, [folder], "source", "train", True, seed=cfg.seed)
+               for folder in data_cfg.source}
+    target_train = load_samples(cfg, [data_cfg.target], "target", "train", False, seed=cfg.seed)
+    target_test = load_samples(cfg, [data_cfg.target_test or data_cfg.target], "target", "test", True, seed=cfg.seed)
     if any(s.mask is not None for s in target_train):
         raise AssertionError("target training labels were read")  # load_domain must never do this
-    check_crop([s for ss in sources.values() for s in ss], d.crop, f"source ({', '.join(d.source)})")
-    check_crop(target_train, d.crop, f"target ({d.target})")
+    check_crop([s for ss in sources.values() for s in ss], data_cfg.crop, f"source ({', '.join(data_cfg.source)})")
+    check_crop(target_train, data_cfg.crop, f"target ({data_cfg.target})")
     return Inputs(sources, target_train, target_test)
 
 
@@ -90,13 +92,13 @@ def source_at(view, factors: Dict[str, float], seed: int) -> List[Sample]:
 
 def build_data(view, seed: int, inputs: Inputs, factors: Dict[str, float]) -> Data:
     """The crop pools (``view``: the slice of :data:`DATA_KEYS`; ``seed``: the run seed)."""
-    d = view.data
+    data_cfg = view.data
     source_train = source_at(view, factors, seed) if any(f != 1.0 for f in factors.values()) else \
-        [s for folder in d.source for s in inputs.sources[folder]]
-    check_crop(source_train, d.crop, f"source ({', '.join(d.source)}) after rescaling")
-    src_images, src_masks, _ = random_crops(source_train, d.pool, d.crop,
+        [s for folder in data_cfg.source for s in inputs.sources[folder]]
+    check_crop(source_train, data_cfg.crop, f"source ({', '.join(data_cfg.source)}) after rescaling")
+    src_images, src_masks, _ = random_crops(source_train, data_cfg.pool, data_cfg.crop,
                                             np.random.default_rng(stream_seed(seed, "source_crops")))
-    tgt_images, _, _ = random_crops(inputs.target_train, d.pool, d.crop,
+    tgt_images, _, _ = random_crops(inputs.target_train, data_cfg.pool, data_cfg.crop,
                                     np.random.default_rng(stream_seed(seed, "target_crops")))
     return Data(source_train, torch.as_tensor(src_images), torch.as_tensor(src_masks), torch.as_tensor(tgt_images),
                 dict(factors))

@@ -100,14 +100,14 @@ def generator_stage(ctx: Context, name: str, images: torch.Tensor, masks: Option
     """Trains a generator on ``images`` (conditioned on ``masks``, or unconditional with None) for
     ``generator.<steps_key>`` steps, from scratch or fine-tuned from ``init`` (the stage ``inputs[-1]``)."""
     def compute(view):
-        g, seed = view.generator, ctx.stream(name)
-        steps = getattr(g, steps_key)
-        model = build_generator(g, seed)
+        gen, seed = view.generator, ctx.stream(name)
+        steps = getattr(gen, steps_key)
+        model = build_generator(gen, seed)
         if init is not None:
             model.load_state_dict(init["model"])
-        ema = train_generator(model, images, masks, steps, g, schedule_of(view), seed, ctx.device, ctx.run, name,
+        ema = train_generator(model, images, masks, steps, gen, schedule_of(view), seed, ctx.device, ctx.run, name,
                               ctx.ckpt_every, desc=name, ema_init=None if init is None else init["ema"])
-        return {"arch": arch_dict(g), "model": model.state_dict(), "ema": ema.state_dict(), "_info": {"steps": steps}}
+        return {"arch": arch_dict(gen), "model": model.state_dict(), "ema": ema.state_dict(), "_info": {"steps": steps}}
     return ctx.cache.stage(name, GENERATOR_KEYS + (f"generator.{steps_key}",), inputs, compute)
 
 
@@ -183,23 +183,24 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
             inputs = tuple(inputs) + ("baseline_histmatch",)
 
     def compute(view):
-        s = view.segmenter
-        steps = getattr(s, steps_key)
-        x, y = (images, masks) if source_mix is None else training_set(ctx, name, s.source_mix, images, masks,
+        seg = view.segmenter
+        steps = getattr(seg, steps_key)
+        x, y = (images, masks) if source_mix is None else training_set(ctx, name, seg.source_mix, images, masks,
                                                                         *source_mix)
         model = segmenter_from_state(init) if init is not None else None
-        model = train_segmenter(x, y, steps, s.batch_size, s.lr, ctx.stream(name), ctx.device, s.precision,
-                                model=model, channels=s.channels, run=ctx.run, stage=name,
+        model = train_segmenter(x, y, steps, seg.batch_size, seg.lr, ctx.stream(name), ctx.device, seg.precision,
+                                model=model, channels=seg.channels, run=ctx.run, stage=name,
                                 ckpt_every=ctx.ckpt_every, desc=name)
         info, extra = {"steps": steps}, {}
 
         def probs_on(target_images, what):
-            return probability_maps(model, target_images, s.tile, s.stride, ctx.device, s.precision, f"{what} {name}")
+            return probability_maps(model, target_images, seg.tile, seg.stride, ctx.device, seg.precision,
+                                    f"{what} {name}")
         if calibration is not None:
-            prior, note = vessel_prior(s.vessel_prior, calibration.source_fraction, calibration.estimate,
-                                       s.estimate_cap)
+            prior, note = vessel_prior(seg.vessel_prior, calibration.source_fraction, calibration.estimate,
+                                       seg.estimate_cap)
             if prior is not None:
-                shift, before = logit_shift(probs_on(calibration.target_images, "calibrate"), prior, s.threshold)
+                shift, before = logit_shift(probs_on(calibration.target_images, "calibrate"), prior, seg.threshold)
                 with torch.no_grad():
                     model.head.bias += shift
                 LOG.info(f"{name}: calibrated to vessel fraction {prior:.4f} (was {before:.4f}); logit shift "
@@ -207,12 +208,12 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
                 info.update(calibration_prior=round(prior, 5), marked_share_before=round(before, 5),
                             logit_shift=round(shift, 4))
         if measure_on is not None:
-            extra["marked_share"] = marked_share(probs_on(measure_on, "target share"), s.threshold)
+            extra["marked_share"] = marked_share(probs_on(measure_on, "target share"), seg.threshold)
             info["marked_share"] = round(extra["marked_share"], 5)
             LOG.info(f"{name}: marks {100 * extra['marked_share']:.2f}% of the target training pixels")
-        meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": s.tile,
-                "stride": s.stride, "threshold": s.threshold}
-        return {"channels": list(s.channels), "model": model.state_dict(), **meta, **extra, "_info": info}
+        meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": seg.tile,
+                "stride": seg.stride, "threshold": seg.threshold}
+        return {"channels": list(seg.channels), "model": model.state_dict(), **meta, **extra, "_info": info}
     return ctx.cache.stage(name, keys, inputs, compute)
 
 

@@ -74,17 +74,18 @@ def probe(ctx: Context, view, inputs: Inputs) -> Callable[[Sequence[Dict[str, fl
     (an equal share of ``data.pool`` crops each), histogram-matched to target images, and returns the mean
     width and the marked share of what it marks on the target training images."""
     def measure(factor_sets):
-        s, d = view.segmenter, view.data
+        seg, data_cfg = view.segmenter, view.data
         rng = np.random.default_rng(ctx.stream("survey_crops"))
-        share = max(1, d.pool // len(factor_sets))
-        crops = [random_crops(source_at(view, factors, ctx.seed), share, d.crop, rng) for factors in factor_sets]
+        share = max(1, data_cfg.pool // len(factor_sets))
+        crops = [random_crops(source_at(view, factors, ctx.seed), share, data_cfg.crop, rng) for factors in factor_sets]
         images = torch.as_tensor(np.concatenate([im for im, _, _ in crops]))
         masks = torch.as_tensor(np.concatenate([m for _, m, _ in crops]))
         matched = histmatch_crops(images, inputs.target_images, ctx.stream("survey_histmatch"))
-        model = train_segmenter(matched, masks, d.survey_steps, s.batch_size, s.lr, ctx.stream("survey_probe"),
-                                ctx.device, s.precision, channels=s.channels, desc="survey probe")
-        probs = probability_maps(model, inputs.target_images, s.tile, s.stride, ctx.device, s.precision, "survey")
-        return mean_calibre(p >= s.threshold for p in probs), marked_share(probs, s.threshold)
+        model = train_segmenter(matched, masks, data_cfg.survey_steps, seg.batch_size, seg.lr,
+                                ctx.stream("survey_probe"), ctx.device, seg.precision, channels=seg.channels,
+                                desc="survey probe")
+        probs = probability_maps(model, inputs.target_images, seg.tile, seg.stride, ctx.device, seg.precision, "survey")
+        return mean_calibre(p >= seg.threshold for p in probs), marked_share(probs, seg.threshold)
     return measure
 
 
