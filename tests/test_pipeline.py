@@ -396,3 +396,16 @@ def test_baselines_false_means_no_baselines(tiny_run, tmp_path):
     stages = json.loads((out / "stages.json").read_text())
     assert "baseline_histmatch" in stages and "baseline" not in stages
     assert set(json.loads((out / "metrics.json").read_text())["target_test"]) == {"iter0", "iter1"}
+
+
+def test_stage_and_metric_key_names():
+    """keys.py is the one place that maps stages to metric keys and finds the last round."""
+    from vesselfast.pipeline.keys import final_key, final_stage, metric_key, model_order
+
+    assert [metric_key(s) for s in ("baseline", "baseline_histmatch", "segmenter_0", "segmenter_12", "invert",
+                                    "pseudo_label_1", "segmenter_1.partial")] == \
+        ["baseline", "baseline_histmatch", "iter0", "iter12", None, None, None]
+    assert final_stage(["segmenter_0", "segmenter_10", "segmenter_2", "segmenter_3.partial", "baseline"]) == "segmenter_10"
+    assert final_stage(["baseline"]) == "" and final_key(["iter0", "iter2", "iter10", "baseline"]) == "iter10"
+    assert sorted(["iter10", "iter2", "baseline_histmatch", "source", "baseline", "iter0"], key=model_order) == \
+        ["source", "baseline", "baseline_histmatch", "iter0", "iter2", "iter10"]

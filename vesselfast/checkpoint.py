@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -140,14 +139,12 @@ INFERENCE_KEYS = ("preprocessing", "tile", "stride", "threshold")
 
 def final_segmenter_path(run_dir: Path) -> Path:
     """The last co-optimisation round's segmenter of a run (segmenter_K.pt with the largest K)."""
-    found = []
-    for p in (Path(run_dir) / "ckpt").glob("segmenter_*.pt"):
-        m = re.fullmatch(r"segmenter_(\d+)\.pt", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    if not found:
+    from vesselfast.pipeline.keys import final_stage
+
+    stage = final_stage(p.stem for p in (Path(run_dir) / "ckpt").glob("segmenter_*.pt"))
+    if not stage:
         raise UserError(f"--model {run_dir}: no trained segmenter in {run_dir}/ckpt; finish a vesselfast train run first")
-    return max(found)[1]
+    return Path(run_dir) / "ckpt" / f"{stage}.pt"
 
 
 def load_segmenter(model_path: str) -> Tuple[Any, Dict[str, Any]]:

@@ -27,6 +27,12 @@ def metric_key(stage: str) -> Optional[str]:
     return f"iter{m.group(1)}" if m else None
 
 
+def final_stage(stages: Iterable[str]) -> str:
+    """The last round's segmenter stage among ``stages`` (``segmenter_K`` with the largest K), or ""."""
+    rounds = [(round_of(key), stage) for stage in stages if (key := metric_key(stage)) and round_of(key) is not None]
+    return max(rounds)[1] if rounds else ""
+
+
 def round_of(key: str) -> Optional[int]:
     """iterk -> k; None for the baselines and other keys."""
     m = _ROUND.fullmatch(key)
