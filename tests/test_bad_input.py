@@ -39,14 +39,16 @@ def copy_run(tiny_run, tmp_path):
 
 
 # Each case: tmp_path, tiny_run -> (argv, substrings the one line must contain, folder that must not change).
-def data_case(make_source, *expect, target=None):
+def data_case(make_source, *expect, target=None, twice=False):
+    """``target``: tmp -> the --target folder, or the string "source" for the source folder itself;
+    ``twice``: the source folder given twice (the second time with a trailing slash)."""
     def case(tmp, tiny_run):
         out = tmp / "out"
         src = make_source(tmp)
-        argv = TRAIN + ["--source", str(src), "--out", str(out)]
+        argv = TRAIN + ["--source", str(src)] + ([f"{src}/"] if twice else []) + ["--out", str(out)]
         if target is not None:
-            argv += ["--target", str(target(tmp))]
-        return argv, list(expect), out
+            argv += ["--target", str(src if target == "source" else target(tmp))]
+        return argv, [e.replace("TMP", str(tmp)) for e in expect], out
     return case
 
 
@@ -98,6 +100,27 @@ def _label_as_target(tmp):
 
 def _good_source(tmp):
     return generic(tmp / "g", n=2, size=64)
+
+
+def _five_px(tmp):
+    return generic(tmp / "g5", n=2, size=5)
+
+
+def _source_twice(tmp):
+    return generic(tmp / "g", n=2, size=64)
+
+
+def _target_with_a_source_image(tmp):
+    """An OCTA-like target folder whose first training image is a copy of a source image."""
+    root = octa_split(tmp / "octa")
+    shutil.copy(generic(tmp / "g", n=2, size=48) / "images" / "c0.png", root / "train" / "image" / "train0.png")
+    return root
+
+
+def _test_split_with_a_source_image(tmp):
+    root = octa_split(tmp / "octa")
+    shutil.copy(generic(tmp / "g", n=2, size=48) / "images" / "c1.png", root / "test" / "image" / "test1.png")
+    return root
 
 
 def config_case(extra, *expect, config_text=None):
@@ -167,6 +190,31 @@ def _code_pickle(tmp, tiny_run):
     return tmp / "evil.pt"
 
 
+def _eval_before_a_segmenter(tmp, tiny_run):
+    run = tmp / "started"
+    run.mkdir()
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")  # a run that has not finished a segmenter yet
+    return ["eval", "--run", str(run)], [f"--run {run}", "no finished segmenter"], run
+
+
+def _eval_json_to_a_folder(tmp, tiny_run):
+    (tmp / "results").mkdir()
+    return (["eval", "--run", str(tiny_run), "--json", str(tmp / "results")],
+            [f"--json {tmp / 'results'}: is a folder", "metrics.json"], tmp)
+
+
+def _eval_json_read_only(tmp, tiny_run):
+    return ["eval", "--run", str(tiny_run), "--json", "/proc/metrics.json"], ["--json /proc/metrics.json"], tmp
+
+
+def _eval_truncated_checkpoint(tmp, tiny_run):
+    run = copy_run(tiny_run, tmp)
+    ck = run / "ckpt" / "baseline_histmatch.pt"  # the first one eval reads
+    ck.write_bytes(ck.read_bytes()[:2000])
+    return (["eval", "--run", str(run)], ["baseline_histmatch.pt", "truncated or foreign", "eval only reads it",
+                                          f"vesselfast train --out {run}"], run)
+
+
 def _eval_without_config(tmp, tiny_run):
     (tmp / "empty_run").mkdir()
     return ["eval", "--run", str(tmp / "empty_run")], ["--run", "no config.yaml"], tmp / "empty_run"
@@ -217,6 +265,15 @@ CASES = {
     "data_unknown_layout": data_case(_unknown_layout, "unknown layout"),
     "data_label_as_target_image": data_case(_good_source, "train0.png", "looks like a vessel label",
                                             target=_label_as_target),
+    "data_source_twice": data_case(_source_twice, "--source TMP/g/: passed twice (also as TMP/g)", twice=True),
+    "data_source_as_target": data_case(_good_source, "--target TMP/g: is the --source folder TMP/g",
+                                       "must never reach training", target="source"),
+    "data_target_holds_a_source_image": data_case(_good_source, "train0.png: the same image as the source",
+                                                  "--target folder", target=_target_with_a_source_image),
+    "data_target_test_holds_a_source_image": data_case(_good_source, "test1.png: the same image as the source",
+                                                       "target test images", target=_test_split_with_a_source_image),
+    "data_images_too_small": data_case(_five_px, "data.crop=32 is larger than every source", "5 px",
+                                       "too small for any crop"),
     # config
     "config_unknown_key": config_case(["--set", "generator.nonsense=1"], "unknown config key 'generator.nonsense'"),
     "config_wrong_type": config_case(["--set", "generator.lr=fast"], "'generator.lr' expects float"),
@@ -226,6 +283,15 @@ CASES = {
                                                   "larger than every source", "data.crop=96"),
     "config_set_syntax": config_case(["--set", "rounds"], "--set 'rounds'", "key=value"),
     "config_unknown_preset": config_case(["--preset", "huge"], "--preset 'huge'"),
+    # config values, checked before anything is read or written (the whole schema: test_config_schema.py)
+    "config_lr_negative": config_case(["--set", "generator.lr=-1"], "generator.lr=-1.0 must be > 0"),
+    "config_lr_nan": config_case(["--set", "generator.lr=nan"], "generator.lr=nan must be a finite number"),
+    "config_channels_empty": config_case(["--set", "segmenter.channels=[]"], "segmenter.channels=[]: give a non-empty"),
+    "config_threshold_above_one": config_case(["--set", "segmenter.threshold=2"], "segmenter.threshold=2.0", "(0, 1)"),
+    "config_ema_decay_above_one": config_case(["--set", "generator.ema_decay=2"], "generator.ema_decay=2.0", "[0, 1)"),
+    "config_eta_negative": config_case(["--set", "synthesis.eta=-1"], "synthesis.eta=-1.0", "[0, 1]"),
+    "config_tile_too_small": config_case(["--set", "segmenter.tile=7"], "segmenter.tile=7 must be >= 16"),
+    "config_T_zero": config_case(["--set", "diffusion.T=0"], "diffusion.T=0 must be >= 10"),
     "config_file_missing": config_case(["--config", "/nonexistent/c.yaml"], "--config /nonexistent/c.yaml"),
     "config_file_not_yaml": config_case([], "c.yaml: not valid YAML", config_text="rounds: [1\n"),
     "config_differs_from_run": _different_config,
@@ -239,9 +305,13 @@ CASES = {
     "model_code_in_pickle": segment_case(_code_pickle, "evil.pt", "refused to load", "posix.system"),
     "run_truncated_stage_checkpoint": _truncated_stage_checkpoint,
     "run_without_config": _eval_without_config,
+    "run_eval_before_a_segmenter": _eval_before_a_segmenter,
+    "run_eval_truncated_checkpoint": _eval_truncated_checkpoint,
     # environment
     "env_out_under_a_file": _out_under_a_file,
     "env_out_read_only": _out_read_only,
+    "env_eval_json_is_a_folder": _eval_json_to_a_folder,
+    "env_eval_json_not_writable": _eval_json_read_only,
     "env_cuda_flag_without_gpu": _cuda(True),
     "env_cuda_config_without_gpu": _cuda(False),
     "env_run_dir_locked": _locked,
@@ -306,3 +376,146 @@ def test_global_batch_must_split_over_the_processes(tmp_path, capsys, monkeypatc
         "vesselfast: error: generator.batch_size=4 is the global batch and must divide evenly over the 3 "
         "processes; use a multiple of 3")
     assert not out.exists()
+
+
+def test_a_start_that_fails_after_opening_removes_what_it_created(tmp_path, capsys, monkeypatch):
+    """A start refused after the run directory was opened (here: a stand-in for the method that refuses
+    at once) leaves no config.yaml or lock, so the corrected command is not refused as "a different
+    config"; a directory with stage output is kept for a resume."""
+    from vesselfast.errors import UserError
+    from vesselfast.pipeline import launch
+
+    def refuse(cfg, ctx, inputs):
+        raise UserError("refused in the first stage")
+
+    monkeypatch.setattr(launch, "run_method", refuse)
+    out = tmp_path / "out"
+    assert main(TRAIN + ["--set", "rounds=2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vesselfast: error: refused in the first stage"
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    def finish(cfg, ctx, inputs):
+        return {}
+
+    monkeypatch.setattr(launch, "run_method", finish)  # the corrected command (another config) starts
+    assert launch.run_pipeline(launch.RunConfig(), str(out)) == {}
+    assert (out / "config.yaml").exists()
+
+    def write_then_refuse(cfg, ctx, inputs):
+        ctx.run.write_json("stages.json", {})
+        raise UserError("refused after a stage wrote")
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(launch, "run_method", write_then_refuse)
+    assert main(TRAIN + ["--out", str(fresh)]) == 2
+    assert (fresh / "stages.json").exists() and (fresh / "config.yaml").exists()
+
+
+def _start_only(monkeypatch):
+    """The method replaced by a stand-in: what run_pipeline checks and logs at the start, no training."""
+    from vesselfast.pipeline import launch
+
+    monkeypatch.setattr(launch, "run_method", lambda cfg, ctx, inputs: {})
+
+
+@pytest.mark.parametrize("swap", ["fundus_as_target", "octa_as_source"])
+def test_a_domain_that_looks_like_the_other_is_one_warning_line(swap, tmp_path, monkeypatch, caplog):
+    """A target folder of colour fundus photographs, or an OCTA source folder, starts with one warning
+    naming the option (the user may mean it: fundus -> fundus adaptation); the right way round, none."""
+    _start_only(monkeypatch)
+    fundus, octa = generic(tmp_path / "fundus", n=2, size=64), octa_split(tmp_path / "octa")
+    argv = {"fundus_as_target": ["--source", "builtin", "--target", str(fundus)],
+            "octa_as_source": ["--source", str(octa), "--set", "data.source_scale=1"]}[swap]
+    caplog.set_level("WARNING", logger="vesselfast")
+    assert main(TRAIN + argv + ["--set", "data.crop=32", "--out", str(tmp_path / "out")]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "look like" in r.getMessage()]
+    option = "--target" if swap == "fundus_as_target" else "--source"
+    assert len(lines) == 1 and lines[0].startswith(f"{option} "), lines
+    assert ("colour fundus photographs (a dark circular" in lines[0]) == (swap == "fundus_as_target")
+
+    caplog.clear()
+    assert main(TRAIN + ["--source", str(fundus), "--target", str(octa), "--set", "data.crop=32",
+                         "--out", str(tmp_path / "right")]) == 0
+    assert not [r for r in caplog.records if "look like" in r.getMessage()]
+
+
+def test_frame_contrast_separates_fundus_from_octa_on_builtin_data(tmp_path):
+    """The detector on the built-in domains, each read in the role it was made for and in the other."""
+    from vesselfast.data import builtin_domain, load_domain
+    from vesselfast.pipeline.inputs import FUNDUS_FRAME, frame_contrast
+
+    assert frame_contrast(builtin_domain("source", "train", 4, 96)) < 0.1
+    assert frame_contrast(builtin_domain("target", "train", 4, 96)) > 0.8
+    fundus, octa = generic(tmp_path / "fundus", n=3, size=96), octa_split(tmp_path / "octa", n=3)
+    assert frame_contrast(load_domain(fundus, "target", "train", False)) < FUNDUS_FRAME
+    assert frame_contrast(load_domain(octa, "source", "train", True, modality="fundus")) > FUNDUS_FRAME
+
+
+@pytest.mark.real_data
+def test_frame_contrast_on_real_data(shared_data):
+    """DRIVE and CHASE_DB1 read as OCTA targets, OCTA-500 read as a fundus source (docs/ERRORS.md has the
+    measured values: fundus <= 0.24, OCTA >= 0.93 per image)."""
+    from vesselfast.data import load_domain
+    from vesselfast.pipeline.inputs import FUNDUS_FRAME, frame_contrast
+
+    for name in ("DRIVE", "CHASE_DB1"):
+        assert frame_contrast(load_domain(shared_data / "fundus" / name, "target", "test", False, modality="octa")) \
+            < FUNDUS_FRAME
+    octa = shared_data / "octa" / "OCTA-500_3M"
+    assert frame_contrast(load_domain(octa, "source", "val", False, modality="fundus")) > FUNDUS_FRAME
+    assert frame_contrast(load_domain(octa, "target", "val", False)) > FUNDUS_FRAME
+
+
+def test_crop_advice_never_below_the_smallest_crop():
+    from vesselfast.data import Sample
+    from vesselfast.errors import UserError
+    from vesselfast.pipeline.inputs import check_crop
+
+    def sample(side):
+        return Sample("x", np.zeros((side, side), np.float32), None, np.ones((side, side), bool), "x")
+
+    with pytest.raises(UserError, match=r"use --set data\.crop=16 or less$"):
+        check_crop([sample(20)], 32, "source")
+    for side in (5, 15):
+        with pytest.raises(UserError, match="too small for any crop") as exc:
+            check_crop([sample(side)], 32, "source")
+        assert "data.crop=0" not in str(exc.value)
+
+
+def test_help_texts():
+    """Top-level help lists every command without raw reST markup; every option of every command has a
+    help text."""
+    import argparse
+    import io
+    from contextlib import redirect_stdout
+
+    from vesselfast.cli import COMMANDS, build_parser
+
+    buf = io.StringIO()
+    with redirect_stdout(buf), pytest.raises(SystemExit):
+        main(["--help"])
+    text = buf.getvalue()
+    assert "`" not in text and all(name in text for name in COMMANDS)
+
+    def undocumented(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from undocumented(sub, path + [name])
+            elif action.help is None:
+                yield " ".join(path + [action.option_strings[0] if action.option_strings else action.dest])
+        if "`" in parser.format_help():
+            yield " ".join(path) + ": backticks"
+
+    for name in COMMANDS:
+        sub = next(a for a in build_parser([name])._actions if isinstance(a, argparse._SubParsersAction))
+        assert not list(undocumented(sub.choices[name], [name]))
+
+
+def test_errors_doc_lists_the_presets_of_the_code():
+    from pathlib import Path
+
+    from vesselfast.pipeline.config import PRESETS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md").read_text()
+    assert f"--preset 'huge': choose one of {', '.join(PRESETS)}`" in doc

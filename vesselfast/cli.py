@@ -1,4 +1,4 @@
-"""``vesselfast`` command line: ``info | train | eval | segment | measure | export | bench | data``.
+"""``vesselfast`` command line: ``info | train | eval | compare | segment | measure | export | bench | data``.
 
 Each sub-command lives in ``vesselfast/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``: a small entry function that calls plain library functions. Modules are imported
@@ -35,7 +35,10 @@ def _command_module(name: str):
 
 
 def build_parser(argv: List[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vesselfast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vesselfast", description="Cross-domain retinal vessel segmentation: train on labelled colour fundus "
+        "photographs and unlabelled OCTA scans, then segment and measure OCTA. Run 'vesselfast COMMAND --help' "
+        "for a command's options.")
     parser.add_argument("--version", action="version", version=f"vesselfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the command being run gets its (possibly heavy) module imported.

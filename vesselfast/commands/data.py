@@ -24,11 +24,13 @@ def add_arguments(p):
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c = sub.add_parser("check", help="validate data folders: layout, counts, sizes, vessel fraction",
                        description="Validate one domain made of one or more folders.")
-    c.add_argument("paths", nargs="+", metavar="PATH")
+    c.add_argument("paths", nargs="+", metavar="PATH", help="data folder(s) of one domain, checked as one")
     c.add_argument("--role", choices=("source", "target"), default=None,
                    help="source (labelled fundus) or target (OCTA; train labels never read); "
                         "default: from the detected layout")
-    c.add_argument("--split", choices=("train", "val", "test", "all"), default="all")
+    c.add_argument("--split", choices=("train", "val", "test", "all"), default="all",
+                   help="check only this split of folders that have splits (default: all; a folder without "
+                        "splits counts for every split)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(_data_parser=p)
 

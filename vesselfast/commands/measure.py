@@ -36,15 +36,16 @@ def add_arguments(p):
     p.add_argument("--csv", required=True, help="CSV file to write, one row per mask (units in the column names)")
 
 
-def check_csv_writable(csv: Path, option: str = "--csv") -> None:
+def check_csv_writable(csv: Path, option: str = "--csv", example: str = CSV_NAME) -> None:
     """Refuses, before any work, a CSV path that is a folder or whose folder is missing or not writable
-    (tried by creating and removing a temp file there, which also catches read-only file systems)."""
+    (tried by creating and removing a temp file there, which also catches read-only file systems).
+    Any other output file too (``eval --json``): ``example`` is the file name suggested for a folder."""
     import tempfile
 
     from vesselfast.errors import UserError
 
     if csv.is_dir():
-        raise UserError(f"{option} {csv}: is a folder; give a file name, e.g. {csv / CSV_NAME}")
+        raise UserError(f"{option} {csv}: is a folder; give a file name, e.g. {csv / example}")
     folder = csv.parent
     if not folder.is_dir():
         raise UserError(f"{option} {csv}: folder {folder} does not exist; create it first or choose another {option}")

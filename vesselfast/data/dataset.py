@@ -33,7 +33,9 @@ def modality_for(layout: L.Layout, role: str) -> str:
     return layout.modality or ("fundus" if role == "source" else "octa")
 
 
-def _check_paths_arg(paths) -> List[str]:
+def _check_paths_arg(paths, option: str = "") -> List[str]:
+    """The paths as strings, each folder once (``option``: the command-line option that gave them, for
+    the message)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
@@ -43,7 +45,8 @@ def _check_paths_arg(paths) -> List[str]:
     for p in paths:
         rp = os.path.realpath(p)
         if rp in seen:
-            raise UserError(f"{p}: passed twice (also as {seen[rp]}); pass each folder once")
+            raise UserError(f"{option + ' ' if option else ''}{p}: passed twice (also as {seen[rp]}); "
+                            "pass each folder once")
         seen[rp] = p
     return paths
 

@@ -12,6 +12,8 @@ from typing import List
 import numpy as np
 import torch
 
+SCHEDULES = ("linear", "cosine")
+
 
 def linear_betas(T: int) -> np.ndarray:
     """linspace(1e-4 * 1000/T, 0.02 * 1000/T, T) in float64 (Ho et al., scaled to any T)."""
@@ -42,7 +44,7 @@ class NoiseSchedule:
             return cls(linear_betas(T))
         if kind == "cosine":
             return cls(cosine_betas(T))
-        raise ValueError(f"unknown schedule {kind!r}; use 'linear' or 'cosine'")
+        raise ValueError(f"unknown schedule {kind!r}; use one of {SCHEDULES}")
 
     @property
     def T(self) -> int:

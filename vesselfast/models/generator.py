@@ -8,12 +8,14 @@ zero-initialised output convolution. H and W must be divisible by 2 ** (len(chan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vesselfast.schema import option
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -55,6 +57,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, ch: int, head_channels: int = 32):
         super().__init__()
         self.heads = max(1, ch // head_channels)
+        if ch % self.heads:
+            raise ValueError(f"{ch} channels do not split into {self.heads} attention heads")
         self.norm = _norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = _zero(nn.Conv2d(ch, ch, 1))
@@ -72,12 +76,13 @@ class GeneratorArch:
     ``generator`` section extends it (pipeline/config.py), every generator checkpoint stores it
     (:func:`arch_dict`), and :func:`generator_from_dict` rebuilds the network from it. The defaults are
     the CPU presets' network: base 32, multipliers (1, 2, 2), one residual block, no attention (1.05M
-    parameters). ``attention_levels`` index ``channel_mult``."""
-    base_channels: int = 32
-    channel_mult: Sequence[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 1
-    attention_levels: Sequence[int] = field(default_factory=list)
-    dropout: float = 0.0
+    parameters). ``attention_levels`` index ``channel_mult``. Each field's range is declared with it
+    (vesselfast/schema.py)."""
+    base_channels: int = option(32, ge=1)
+    channel_mult: Sequence[int] = option(factory=lambda: [1, 2, 2], nonempty=True, ge=1, what="multipliers")
+    num_res_blocks: int = option(1, ge=0)
+    attention_levels: Sequence[int] = option(factory=list, ge=0, what="levels (indices into channel_mult)")
+    dropout: float = option(0.0, ge=0.0, lt=1.0)
 
 
 ARCH_FIELDS = tuple(f.name for f in fields(GeneratorArch))

@@ -1,5 +1,8 @@
 """Run configuration: one schema (nested dataclasses), presets, YAML files and ``--set key=value``.
 
+Each key's type and range are declared with it (``option(...)``, vesselfast/schema.py); every key is
+converted and checked before any stage runs, then :func:`validate` checks what relates keys.
+
 Every stage has an explicit step budget here. The resolved config is saved as ``DIR/config.yaml`` and
 re-read on resume; a different config for an existing run directory is refused (start a new one).
 """
@@ -9,12 +12,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import yaml
 
+from vesselfast.data.preprocess import CHANNELS
 from vesselfast.diffusion.samplers import LATENT_SAMPLERS, SAMPLERS
+from vesselfast.diffusion.schedule import SCHEDULES
 from vesselfast.errors import UserError
 from vesselfast.hardware import PRECISIONS
-from vesselfast.models.generator import GeneratorArch
+from vesselfast.models.generator import GeneratorArch, GeneratorUNet
+from vesselfast.schema import check, coerce, field_types, option
 
 # Keys that were renamed or removed: a config (file, --set, an older run's config.yaml) that still uses
 # one is refused with this line.
@@ -34,72 +41,79 @@ RETIRED_KEYS = {
 
 @dataclass
 class DataConfig:
-    source: List[str] = field(default_factory=lambda: ["builtin"])  # folders, or "builtin"
+    source: List[str] = option(factory=lambda: ["builtin"], nonempty=True,  # folders, or "builtin"
+                               what="folders (or builtin)")
     target: str = "builtin"               # target training images (labels never read)
     target_test: Optional[str] = None     # default: the target folder's test split
-    channel: str = "green"                # fundus -> one channel: green | luminance
+    channel: str = option("green", choices=CHANNELS)  # fundus -> one channel: green | luminance
     clahe: bool = True
     # Source rescale: None estimates each folder's factor from its labels and the unlabelled target
     # images (the survey, vesselfast/pipeline/survey.py); a number fixes it for every source folder.
-    source_scale: Optional[float] = None
-    survey_steps: int = 600               # training steps of the survey's probe
+    source_scale: Optional[float] = option(None, gt=0.0, hint=" (or null: estimated by the survey)")
+    survey_steps: int = option(600, ge=1)  # training steps of the survey's probe
     # source scales (relative to the common calibre) the probe sees at once, so that it is scale-agnostic
-    survey_scales: List[float] = field(default_factory=lambda: [0.5, 0.71, 1.0, 1.41, 2.0])
-    crop: int = 64                        # crop size for every stage
-    pool: int = 512                       # crops cut once per domain for training (half vessel-centred)
-    synth_crops: int = 200                # source crops inverted and re-synthesised as target images
-    builtin_n: int = 24                   # built-in data: images per split
-    builtin_size: int = 256
-    builtin_test_n: int = 12
+    survey_scales: List[float] = option(factory=lambda: [0.5, 0.71, 1.0, 1.41, 2.0], nonempty=True, gt=0.0,
+                                        what="factors", hint=", e.g. [0.5, 1.0, 2.0]")
+    crop: int = option(64, ge=16)         # crop size for every stage
+    pool: int = option(512, ge=1)         # crops cut once per domain for training (half vessel-centred)
+    synth_crops: int = option(200, ge=1)  # source crops inverted and re-synthesised as target images
+    builtin_n: int = option(24, ge=1)     # built-in data: images per split
+    builtin_size: int = option(256, ge=32)
+    builtin_test_n: int = option(12, ge=1)
 
 
 @dataclass
 class DiffusionConfig:
-    T: int = 1000
-    schedule: str = "linear"
-    ddim_steps: int = 50       # N, the DDIM grid of the inversion and of the latent samplers
-    t0_ratio: float = 0.3      # t0_steps = round(t0_ratio * N) inversion steps (paper: 15 of 50 -> timestep 300)
+    T: int = option(1000, ge=10, hint=" (paper: 1000)")
+    schedule: str = option("linear", choices=SCHEDULES)
+    ddim_steps: int = option(50, ge=2)    # N, the DDIM grid of the inversion and of the latent samplers
+    # t0_steps = round(t0_ratio * N) inversion steps (paper: 15 of 50 -> timestep 300)
+    t0_ratio: float = option(0.3, gt=0.0, le=1.0, hint=" (paper: 0.3)")
     clip: bool = True
 
 
 @dataclass
 class GeneratorTrainConfig(GeneratorArch):
-    # the architecture fields (base_channels, channel_mult, num_res_blocks, attention_levels, dropout)
-    # and their defaults come from models.generator.GeneratorArch
-    lr: float = 2e-4
-    batch_size: int = 8
-    steps_source: int = 1000   # G_S
-    steps_target: int = 1000   # G_T^0
-    steps_round: int = 300     # G_T^k, k >= 1, fine-tuned from G_T^{k-1}
-    ema_decay: float = 0.995
+    # the architecture fields (base_channels, channel_mult, num_res_blocks, attention_levels, dropout),
+    # their defaults and ranges come from models.generator.GeneratorArch
+    lr: float = option(2e-4, gt=0.0)
+    batch_size: int = option(8, ge=1)
+    steps_source: int = option(1000, ge=1)  # G_S
+    steps_target: int = option(1000, ge=1)  # G_T^0
+    steps_round: int = option(300, ge=1)    # G_T^k, k >= 1, fine-tuned from G_T^{k-1}
+    ema_decay: float = option(0.995, ge=0.0, lt=1.0)
     # auto | fp32 | bf16 | fp16 (GPU). auto: bf16 where the hardware runs it natively, else fp32 on CPU
     # (fp16 with gradient scaling on GPUs without bf16); written resolved into the run's config.yaml.
-    precision: str = "auto"
+    precision: str = option("auto", choices=PRECISIONS)
 
 
 @dataclass
 class SynthesisConfig:
     # Rounds k >= 1: see vesselfast/diffusion/samplers.py. ddim_noise (DDIM from noise, conditioned on the
     # source masks) beat ddim_latent on real data (docs/PIPELINE.md, ablation); the reference code used ddpm_noise.
-    sampler: str = "ddim_noise"
-    sampler_iter0: str = "ddim_latent"  # iter-0 synthesis from the inversion latents: ddim_latent | ddpm_latent
-    noise_steps: int = 50          # DDIM steps of the ddim_noise sampler
-    batch_size: int = 16
-    eta: float = 0.0               # DDIM's eta (ddim_latent, ddim_noise)
+    sampler: str = option("ddim_noise", choices=SAMPLERS)
+    # iter-0 synthesis from the inversion latents: ddim_latent | ddpm_latent
+    sampler_iter0: str = option("ddim_latent", choices=LATENT_SAMPLERS,
+                                hint=" (Iter-0 starts from the inversion latents)")
+    noise_steps: int = option(50, ge=1)  # DDIM steps of the ddim_noise sampler
+    batch_size: int = option(16, ge=1)
+    eta: float = option(0.0, ge=0.0, le=1.0)  # DDIM's eta (ddim_latent, ddim_noise): 0 deterministic, 1 DDPM-like
 
 
 @dataclass
 class SegmenterConfig:
-    channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    lr: float = 1e-3
-    batch_size: int = 8
-    steps_iter0: int = 500
-    steps_round: int = 100
+    channels: List[int] = option(factory=lambda: [16, 32, 64, 128, 256], nonempty=True, ge=1,
+                                 what="channel counts", hint=", e.g. [16, 32, 64]")
+    lr: float = option(1e-3, gt=0.0)
+    batch_size: int = option(8, ge=1)
+    steps_iter0: int = option(500, ge=1)
+    steps_round: int = option(100, ge=1)
     finetune: bool = True          # F^k starts from F^{k-1} (False: fresh)
-    precision: str = "auto"        # as generator.precision; also the segmenter's inference in the run
-    tile: int = 128
-    stride: int = 64
-    threshold: float = 0.5
+    # as generator.precision; also the segmenter's inference in the run
+    precision: str = option("auto", choices=PRECISIONS)
+    tile: int = option(128, ge=16)
+    stride: int = option(64, ge=1)
+    threshold: float = option(0.5, gt=0.0, lt=1.0)  # on the vessel probability
     # Label-free calibration of F^k: shift the output bias so that the marked share of the target
     # training pixels (at or above `threshold`) equals a vessel-fraction prior. "estimate": the share
     # baseline_histmatch marks (measured per run, no label read); "source": the source masks' vessel
@@ -108,16 +122,16 @@ class SegmenterConfig:
     estimate_cap: bool = True      # "estimate" is at most the source masks' vessel fraction
     # Share of F^k's training set made of histogram-matched source crops besides the synthetic pairs:
     # 0.25 beat 0.0 on real data (docs/PIPELINE.md, ablation).
-    source_mix: float = 0.25
+    source_mix: float = option(0.25, ge=0.0, lt=1.0, hint=" (the rest are the synthetic pairs)")
 
 
 @dataclass
 class RunConfig:
-    preset: str = "quick"
-    seed: int = 0
-    device: str = "cpu"
-    rounds: int = 3
-    ckpt_every: int = 200          # steps between in-stage checkpoints
+    preset: str = option("quick", choices=lambda: PRESETS)
+    seed: int = option(0, ge=0)
+    device: str = "cpu"            # cpu | cuda | cuda:N (validate)
+    rounds: int = option(3, ge=0)
+    ckpt_every: int = option(200, ge=1)  # steps between in-stage checkpoints
     # Train and evaluate the baselines (baseline, baseline_histmatch). With false, baseline_histmatch is
     # still trained when segmenter.vessel_prior=estimate needs its marked share, but it is not evaluated.
     baselines: bool = True
@@ -178,8 +192,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def _merge(dc, updates: Dict[str, Any], where: str):
-    """Apply a nested dict onto a dataclass instance with key and type checks."""
+    """Apply a nested dict onto a dataclass instance, each value converted to its key's declared type."""
     fields = {f.name: f for f in dataclasses.fields(dc)}
+    types = field_types(type(dc))
     for key, value in updates.items():
         name = f"{where}{key}"
         if name in RETIRED_KEYS:
@@ -192,41 +207,10 @@ def _merge(dc, updates: Dict[str, Any], where: str):
                 raise UserError(f"config key {name!r} is a section; give it a mapping")
             _merge(current, value, name + ".")
         else:
-            setattr(dc, key, _coerce(value, current, fields[key], name))
+            setattr(dc, key, coerce(value, types[key], name))
 
 
-def _coerce(value, current, f, name):
-    if value is None:
-        return None
-    want = type(current) if current is not None else None
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(current, float) or (current is None and "float" in str(f.type)):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:  # YAML 1.1 reads "3e-4" as a string
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif isinstance(current, str) or (current is None and "str" in str(f.type)):
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. segmenter.vessel_prior=0.07: validate() checks what the key allows
-    elif isinstance(current, list):
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):
-            return [value]
-    else:
-        return value
-    raise UserError(f"config key {name!r} expects {want.__name__ if want else f.type}, got {value!r}")
+PRECISION_KEYS = ("generator.precision", "segmenter.precision")
 
 
 def _parse_set(item: str):
@@ -244,35 +228,49 @@ def _parse_set(item: str):
 
 
 def validate(cfg: RunConfig) -> None:
-    """Impossible values, each with the option to fix."""
+    """Every key against the range declared with it (vesselfast/schema.py), in the order of the schema,
+    then what relates keys to each other; each message names the key and what to use."""
+    check(cfg)
+
     def bad(msg):
         raise UserError(msg)
-    if not 0.0 < cfg.diffusion.t0_ratio <= 1.0:
-        bad(f"diffusion.t0_ratio={cfg.diffusion.t0_ratio} must lie in (0, 1] (paper: 0.3)")
-    if cfg.diffusion.schedule not in ("linear", "cosine"):
-        bad(f"diffusion.schedule={cfg.diffusion.schedule!r}: use linear or cosine")
-    if not 2 <= cfg.diffusion.ddim_steps <= cfg.diffusion.T:
-        bad(f"diffusion.ddim_steps={cfg.diffusion.ddim_steps} must be in [2, diffusion.T={cfg.diffusion.T}]")
-    if cfg.diffusion.T < 10:
-        bad(f"diffusion.T={cfg.diffusion.T} is too small (use >= 10; paper: 1000)")
-    div = 2 ** (len(cfg.generator.channel_mult) - 1)
-    if cfg.data.crop < 16 or cfg.data.crop % max(div, 16):
+    d = cfg.diffusion
+    if d.schedule == "linear" and d.T <= 20:
+        bad(f"diffusion.T={d.T} is too small for the linear schedule (its largest beta, 0.02 * 1000 / T, must "
+            "stay below 1); use diffusion.T >= 21 (paper: 1000) or diffusion.schedule=cosine")
+    if d.ddim_steps > d.T:
+        bad(f"diffusion.ddim_steps={d.ddim_steps} must be in [2, diffusion.T={d.T}]")
+    if cfg.synthesis.noise_steps > d.T:
+        bad(f"synthesis.noise_steps={cfg.synthesis.noise_steps} must be in [1, diffusion.T={d.T}]")
+    g = cfg.generator
+    levels = [v for v in g.attention_levels if v >= len(g.channel_mult)]
+    if levels:
+        bad(f"generator.attention_levels={list(g.attention_levels)}: level {levels[0]} does not exist; use indices "
+            f"into generator.channel_mult (0 to {len(g.channel_mult) - 1})")
+    try:
+        with torch.device("meta"):  # builds the network's layers without memory: its channel rules hold
+            GeneratorUNet(g)
+    except ValueError as exc:
+        bad(f"generator.base_channels={g.base_channels} with generator.channel_mult={list(g.channel_mult)} gives "
+            f"a network that cannot be built ({exc}); use a multiple of 32, e.g. 32 or 64")
+    div = 2 ** (len(g.channel_mult) - 1)
+    if cfg.data.crop % max(div, 16):
         bad(f"data.crop={cfg.data.crop} must be a multiple of {max(div, 16)} and >= 16")
-    if cfg.synthesis.sampler not in SAMPLERS:
-        bad(f"synthesis.sampler={cfg.synthesis.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if cfg.synthesis.sampler_iter0 not in LATENT_SAMPLERS:
-        bad(f"synthesis.sampler_iter0={cfg.synthesis.sampler_iter0!r}: choose {' or '.join(LATENT_SAMPLERS)} "
-            "(Iter-0 starts from the inversion latents)")
-    if cfg.data.channel not in ("green", "luminance"):
-        bad(f"data.channel={cfg.data.channel!r}: choose green or luminance")
-    for name in ("generator.precision", "segmenter.precision"):
+    s = cfg.segmenter
+    seg_multiple = 2 ** (len(s.channels) - 1)  # SegmenterUNet.size_multiple: one factor 2 per pooling
+    if cfg.data.crop < seg_multiple:
+        bad(f"data.crop={cfg.data.crop} is smaller than the segmenter's {len(s.channels)} levels need "
+            f"({seg_multiple} px); use a larger crop or fewer segmenter.channels")
+    if s.tile % seg_multiple:
+        bad(f"segmenter.tile={s.tile} must be a multiple of {seg_multiple} (one factor 2 per level of "
+            f"segmenter.channels), e.g. {max(16, s.tile // seg_multiple * seg_multiple)}")
+    if s.stride > s.tile:
+        bad(f"segmenter.stride={s.stride} must be in [1, segmenter.tile={s.tile}]")
+    for name in PRECISION_KEYS:
         sec, key = name.split(".")
-        value = getattr(getattr(cfg, sec), key)
-        if value not in PRECISIONS:
-            bad(f"{name}={value!r}: use auto, fp32, bf16 or fp16")
-        if value == "fp16" and not cfg.device.startswith("cuda"):
+        if getattr(getattr(cfg, sec), key) == "fp16" and not cfg.device.startswith("cuda"):
             bad(f"{name}=fp16 needs a GPU (device={cfg.device}); use auto or bf16 on CPU")
-    prior = cfg.segmenter.vessel_prior
+    prior = s.vessel_prior
     if prior not in ("source", "none", "estimate"):
         try:
             ok = 0.0 < float(prior) < 1.0
@@ -280,25 +278,6 @@ def validate(cfg: RunConfig) -> None:
             ok = False
         if not ok:
             bad(f"segmenter.vessel_prior={prior!r}: use estimate, source, none, or a vessel fraction in (0, 1)")
-    if cfg.data.source_scale is not None and not cfg.data.source_scale > 0:
-        bad(f"data.source_scale={cfg.data.source_scale} must be > 0 (or null: estimated by the survey)")
-    if not cfg.data.survey_scales or not all(isinstance(v, (int, float)) and v > 0 for v in cfg.data.survey_scales):
-        bad(f"data.survey_scales={cfg.data.survey_scales!r}: give a list of factors > 0, e.g. [0.5, 1.0, 2.0]")
-    s = cfg.segmenter
-    if not 0 <= s.source_mix < 1:
-        bad(f"segmenter.source_mix={s.source_mix} must be a share in [0, 1) (the rest are the synthetic pairs)")
-    if not 1 <= cfg.synthesis.noise_steps <= cfg.diffusion.T:
-        bad(f"synthesis.noise_steps={cfg.synthesis.noise_steps} must be in [1, diffusion.T={cfg.diffusion.T}]")
-    if cfg.rounds < 0:
-        bad(f"rounds={cfg.rounds} must be >= 0")
-    for name in ("generator.steps_source", "generator.steps_target", "segmenter.steps_iter0", "data.pool",
-                 "data.synth_crops", "generator.batch_size", "segmenter.batch_size", "ckpt_every", "data.survey_steps"):
-        sec, _, key = name.rpartition(".")
-        v = getattr(getattr(cfg, sec) if sec else cfg, key)
-        if v < 1:
-            bad(f"{name}={v} must be >= 1")
-    if cfg.segmenter.stride < 1 or cfg.segmenter.stride > cfg.segmenter.tile:
-        bad(f"segmenter.stride={cfg.segmenter.stride} must be in [1, segmenter.tile={cfg.segmenter.tile}]")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         bad(f"device={cfg.device!r}: use cpu or cuda")
 
@@ -329,9 +308,6 @@ def resolve(preset: Optional[str] = None, file: Optional[str] = None, sets: Opti
         _merge(cfg, _parse_set(item), "")
     validate(cfg)
     return cfg
-
-
-PRECISION_KEYS = ("generator.precision", "segmenter.precision")
 
 
 def settle_precision(cfg: RunConfig, saved: Optional[Dict[str, Any]] = None) -> Tuple[str, Optional[str]]:

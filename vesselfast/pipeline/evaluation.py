@@ -78,12 +78,14 @@ def evaluate_run(run_dir: str, target_test: Optional[str] = None, precision: str
     precision, warning = option_precision(precision, device)
     if warning:
         LOG.warning(warning)
+    stages = [stage for stage in run.stages() if metric_key(stage) is not None and run.is_done(stage)]
+    if not stages:
+        raise UserError(f"--run {run_dir}: no finished segmenter in {run.ckpt} yet; let vesselfast train --out "
+                        f"{run_dir} finish its first segmenter (re-run the command it started with), then eval again")
     ctx = Context(StageCache({"seed": cfg.seed}, run), run, cfg.seed, device, cfg.ckpt_every)
     test = load_samples(cfg, [target_test or cfg.data.target_test or cfg.data.target], "target", "test", True,
                         seed=cfg.seed)
-    out = {}
-    for stage in run.stages():
-        key = metric_key(stage)
-        if key is not None and run.is_done(stage):
-            out[key], _ = evaluate_on(ctx, run.load(stage), test, precision, f"eval {stage}")
-    return out
+    fix = (f"eval only reads it: delete it, re-run vesselfast train --out {run_dir} with the run's options to "
+           "recompute that stage, then eval again")
+    return {metric_key(stage): evaluate_on(ctx, run.load(stage, fix), test, precision, f"eval {stage}")[0]
+            for stage in stages}

@@ -1,10 +1,15 @@
 """What the stages start from: every image loaded, validated and preprocessed (:class:`Inputs`, before
 anything is trained), then the crop pools cut at the survey's rescale factors (:class:`Data`).
 
-Target training images are loaded without their labels: :func:`load_inputs` asserts that none was read.
+Target training images are loaded without their labels: :func:`load_inputs` asserts that none was read,
+and refuses a target that is a source folder, or holds a source image (its label would reach training
+through the source). A target that looks like colour fundus, or a source that looks like OCTA, is only
+warned about (:func:`domain_warnings`): fundus -> fundus adaptation is a use the user may intend.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -12,8 +17,11 @@ import numpy as np
 import torch
 
 from vesselfast.data import Sample, builtin_domain, load_domain, random_crops
+from vesselfast.data.dataset import _check_paths_arg
 from vesselfast.errors import UserError
+from vesselfast.pipeline.config import DataConfig
 from vesselfast.pipeline.seeds import stream_seed
+from vesselfast.schema import declared
 
 # The config keys the data depend on (the survey reads them too; every stage consumes "data").
 DATA_KEYS = ("data.source", "data.target", "data.channel", "data.clahe", "data.source_scale", "data.crop",
@@ -60,27 +68,119 @@ def load_samples(view, paths: List[str], role: str, split: str, read_labels: boo
                        clahe=data_cfg.clahe)
 
 
+MIN_CROP = declared(DataConfig, "crop")["ge"]  # the smallest data.crop
+
+
 def check_crop(samples: List[Sample], crop: int, where: str) -> None:
-    """A crop larger than every image would be mostly padding: refuse it, naming the largest that fits."""
+    """A crop larger than every image would be mostly padding: refuse it, naming the largest that fits,
+    or saying that the images are too small when not even the smallest crop fits."""
     sides = [min(s.image.shape) for s in samples]
     if sides and crop > max(sides):
-        fits = max(sides) // 16 * 16
+        fits = max(sides) // 16 * 16  # data.crop must be a multiple of 16 (pipeline/config.py)
+        what = (f"use --set data.crop={fits} or less" if fits >= MIN_CROP else
+                f"these images are too small for any crop (data.crop >= {MIN_CROP}): use images of at least "
+                f"{MIN_CROP} px, at the resolution they were taken")
         raise UserError(f"data.crop={crop} is larger than every {where} image (the largest is "
-                        f"{max(sides)} px on its short side); use --set data.crop={fits} or less")
+                        f"{max(sides)} px on its short side); {what}")
+
+
+def _folders(paths: Sequence[str]) -> List[str]:
+    return [p for p in paths if p != "builtin"]
+
+
+def check_folders(data_cfg) -> None:
+    """Before anything is read: each source folder once, and no target folder that is (or lies inside,
+    or holds) a source folder: the target's labels would reach training through the source."""
+    _check_paths_arg(data_cfg.source, "--source")
+    for target in _folders([data_cfg.target]):
+        t = os.path.realpath(target)
+        for source in _folders(data_cfg.source):
+            s = os.path.realpath(source)
+            if t == s or t.startswith(s + os.sep) or s.startswith(t + os.sep):
+                relation = "is" if t == s else "lies inside" if t.startswith(s + os.sep) else "holds"
+                raise UserError(f"--target {target}: {relation} the --source folder {source}; its images come "
+                                "with labels the source trains on, and target labels must never reach training: "
+                                "pass the unlabelled OCTA folder as --target")
+
+
+def _digest(path: str, cache: Dict[str, str]) -> str:
+    if path not in cache:
+        with open(path, "rb") as fh:
+            cache[path] = hashlib.sha256(fh.read()).hexdigest()
+    return cache[path]
+
+
+def check_no_shared_images(sources: Dict[str, List[Sample]], target_train: List[Sample],
+                           target_test: List[Sample]) -> None:
+    """Refuses a target image file that is byte for byte a source training image (a copied folder):
+    compared by size first, hashed only where sizes agree."""
+    by_size: Dict[int, List[str]] = {}
+    for s in (s for ss in sources.values() for s in ss):
+        if os.path.isfile(s.source_path):
+            by_size.setdefault(os.path.getsize(s.source_path), []).append(s.source_path)
+    cache: Dict[str, str] = {}
+    for samples, why in ((target_train, "target labels would reach training through the source: remove it from "
+                                        "the --target folder"),
+                         (target_test, "the test would score an image the run trains on: remove it from the target "
+                                       "test images (--target-test, or --target's test split)")):
+        for t in samples:
+            if not os.path.isfile(t.source_path):
+                continue
+            for src in by_size.get(os.path.getsize(t.source_path), ()):
+                if _digest(src, cache) == _digest(t.source_path, cache):
+                    raise UserError(f"{t.source_path}: the same image as the source training image {src}; {why}")
 
 
 def load_inputs(cfg) -> Inputs:
     """Every image of the run's folders (``cfg``: the RunConfig), checked before anything is written."""
     data_cfg = cfg.data
+    check_folders(data_cfg)
     sources = {folder: load_samples(cfg, [folder], "source", "train", True, seed=cfg.seed)
                for folder in data_cfg.source}
     target_train = load_samples(cfg, [data_cfg.target], "target", "train", False, seed=cfg.seed)
     target_test = load_samples(cfg, [data_cfg.target_test or data_cfg.target], "target", "test", True, seed=cfg.seed)
     if any(s.mask is not None for s in target_train):
         raise AssertionError("target training labels were read")  # load_domain must never do this
+    check_no_shared_images(sources, target_train, target_test)
     check_crop([s for ss in sources.values() for s in ss], data_cfg.crop, f"source ({', '.join(data_cfg.source)})")
     check_crop(target_train, data_cfg.crop, f"target ({data_cfg.target})")
     return Inputs(sources, target_train, target_test)
+
+
+def frame_contrast(samples: List[Sample]) -> float:
+    """Median over ``samples`` of the intensity spread in the image corners (outside the inscribed
+    ellipse) relative to the centre's. Colour fundus photographs sit in a dark circular field of view,
+    flat in the corners: about 0 to 0.25 (DRIVE, CHASE_DB1, the built-in fundus, read either as source or
+    as target). OCTA fills the frame: about 1 (OCTA-500, the built-in OCTA)."""
+    masks: Dict[tuple, tuple] = {}
+    ratios = []
+    for s in samples:
+        h, w = s.image.shape
+        if (h, w) not in masks:
+            yy, xx = np.ogrid[:h, :w]
+            r = np.hypot((yy - (h - 1) / 2) / (h / 2), (xx - (w - 1) / 2) / (w / 2))
+            masks[(h, w)] = (r > 1.05, r < 0.8)
+        corner, centre = masks[(h, w)]
+        if corner.any() and centre.any():
+            ratios.append(float(s.image[corner].std()) / (float(s.image[centre].std()) + 1e-6))
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+FUNDUS_FRAME = 0.5  # frame_contrast below this: a circular field of view, as in colour fundus
+
+
+def domain_warnings(inputs: Inputs, cfg) -> List[str]:
+    """One line per folder whose images look like the other domain (the run goes on: the user may know
+    better, e.g. fundus -> fundus adaptation)."""
+    out = []
+    if frame_contrast(inputs.target_train) < FUNDUS_FRAME:
+        out.append(f"--target {cfg.data.target}: the images look like colour fundus photographs (a dark circular "
+                   "field of view around the retina), not OCTA; the method adapts fundus -> OCTA: check --target")
+    for folder, samples in inputs.sources.items():
+        if frame_contrast(samples) >= FUNDUS_FRAME:
+            out.append(f"--source {folder}: the images look like OCTA (no dark circular field of view around "
+                       "them), not colour fundus photographs: check --source (it must be labelled fundus)")
+    return out
 
 
 def source_at(view, factors: Dict[str, float], seed: int) -> List[Sample]:

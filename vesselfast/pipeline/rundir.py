@@ -36,6 +36,7 @@ class RunDir:
         self.pictures = self.root / "pictures"
         self.writer = writer
         self._lock_fh = None
+        self._created = []  # the folders the last open() created
 
     # -- lifecycle ------------------------------------------------------------------------------
     def saved_config(self) -> Optional[Dict[str, Any]]:
@@ -53,7 +54,7 @@ class RunDir:
         """Create or re-open the run directory for ``config_text``; returns True when resuming.
         Refuses a directory that holds a different config or is locked by another run. When it fails,
         what it created is removed again (nothing half-made is left behind)."""
-        created = [d for d in (self.root, self.ckpt, self.pictures) if not d.exists()]
+        created = self._created = [d for d in (self.root, self.ckpt, self.pictures) if not d.exists()]
         try:
             try:
                 for d in (self.root, self.ckpt, self.pictures):
@@ -90,6 +91,21 @@ class RunDir:
                 d.rmdir()
             except OSError:
                 pass
+
+    BOOKKEEPING = ("config.yaml", "train.log", ".lock")
+
+    def discard_if_unused(self) -> None:
+        """After a start that failed (call :meth:`close` first): removes the run directory when this start
+        created it and nothing but its config, log and lock is in it, so that nothing half-made is left and
+        a corrected command is not refused as "a different config". A directory with any stage output
+        (kept for a resume) or one that existed before is left as it is."""
+        if not self.writer or self.root not in self._created or self._lock_fh is not None:
+            return
+        if any(p.is_file() and p.name not in self.BOOKKEEPING for p in self.root.rglob("*")):
+            return
+        for name in self.BOOKKEEPING[:2]:
+            (self.root / name).unlink(missing_ok=True)
+        self._remove_created(self._created)
 
     def _remove_stray_temp_files(self) -> None:
         """Temp files of writes that a kill interrupted (we hold the lock: no writer is active)."""
@@ -208,12 +224,13 @@ class RunDir:
         if self.writer:
             save_checkpoint(self.partial_path(stage), obj)
 
-    def load(self, stage: str) -> Dict[str, Any]:
+    def load(self, stage: str, fix: str = "delete it to recompute that stage") -> Dict[str, Any]:
+        """A finished stage's result; ``fix``: what the user can do when the file is unreadable."""
         path = self.stage_path(stage)
         if not path.exists() and not self.writer:
             raise UserError(f"{path}: not visible on this node (rank 0 wrote it); the run directory of a "
                             "multi-node run must be on a file system every node sees")
-        return load_checkpoint(path, kind=stage, fix="delete it to recompute that stage")
+        return load_checkpoint(path, kind=stage, fix=fix)
 
     def write_json(self, name: str, obj) -> None:
         if self.writer:
