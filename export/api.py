@@ -6,6 +6,7 @@ checkpoint, ONNX file, TensorRT engine) and runtime (torch, ONNX Runtime, Tensor
     prob = seg.predict(image)                         # raw uint8 image [H, W] or [H, W, 3] -> [H, W] in [0, 1]
     mask = prob >= seg.threshold
     seg.segment_files(["scans/"], "out/")             # <name>_prob.png and <name>_mask.png per image
+    seg.predict(image, pixel_size_um=15.0)            # a 6 mm / 400 px scan, rescaled to the model's pixel size
 
 Preprocessing, tile, stride and threshold come from the model's own metadata, through the same functions
 training used (:func:`vesselfast.data.apply_spec`, :func:`vesselfast.inference.sliding_window_probs`).
@@ -117,22 +118,35 @@ class Segmenter:
     def threshold(self) -> float:
         return float(self.meta["threshold"])
 
-    def describe(self) -> str:
-        return f"backend {self.backend} ({self.provider}), tile {self.meta['tile']}, stride {self.meta['stride']}"
+    @property
+    def pixel_size_um(self) -> Optional[float]:
+        """Micrometres per pixel of the images the model was trained on (metadata ``pixel_size_um``), if known."""
+        value = self.meta.get("pixel_size_um")
+        return float(value) if value else None
+
+    def describe(self, tile: Optional[int] = None, stride: Optional[int] = None) -> str:
+        """Backend, provider and the sliding window used (``window(tile, stride)``: the options' values)."""
+        tile, stride = self.window(tile, stride)
+        return f"backend {self.backend} ({self.provider}), tile {tile}, stride {stride}"
 
     def window(self, tile: Optional[int] = None, stride: Optional[int] = None):
         """(tile, stride) after checking them against the model: tiles must be multiples of its
-        ``size_multiple`` (exported graphs upsample by a constant factor)."""
-        tile = int(tile or self.meta["tile"])
-        stride = int(stride or self.meta["stride"])
+        ``size_multiple`` (exported graphs upsample by a constant factor). A tile without a stride keeps the
+        model's overlap (stride / tile)."""
+        check_window(tile, stride)
+        model_tile, model_stride = int(self.meta["tile"]), int(self.meta["stride"])
+        tile = model_tile if tile is None else int(tile)
+        if stride is None:
+            stride = model_stride if tile == model_tile else max(1, round(tile * model_stride / model_tile))
         m = int(self.meta["size_multiple"])
-        if tile < 16 or tile % m:
+        if tile % m:
             below, above = tile // m * m, (tile // m + 1) * m
-            hint = "" if m == 1 else f"; use {above}" if below < 16 else f"; use {below} or {above}"
-            raise UserError(f"--tile {tile}: this {self.backend} model needs a multiple of {m}, at least 16{hint}")
-        if not 1 <= stride <= tile:
-            raise UserError(f"--stride {stride}: use 1..tile ({tile})")
-        return tile, stride
+            hint = f"; use {above}" if below < MIN_TILE else f"; use {below} or {above}"
+            raise UserError(f"--tile {tile}: this {self.backend} model needs a multiple of {m}, at least "
+                            f"{MIN_TILE}{hint}")
+        if stride > tile:
+            raise UserError(f"--stride {stride}: use 1..tile ({tile}); a stride above the tile would skip pixels")
+        return tile, int(stride)
 
     def probabilities(self, image: np.ndarray, tile: Optional[int] = None, stride: Optional[int] = None,
                       batch_size: int = 8) -> np.ndarray:
@@ -147,18 +161,49 @@ class Segmenter:
 
         return apply_spec(self.meta["preprocessing"], raw)[0]
 
-    def predict(self, raw: np.ndarray, **window) -> np.ndarray:
-        """Raw uint8 image (as read from disk) -> vessel probability [H', W'] (H', W' after the model's
-        preprocessing scale, the input size for OCTA models)."""
-        return self.probabilities(self.preprocess(raw), **window)
+    def predict(self, raw: np.ndarray, pixel_size_um: Optional[float] = None, tile: Optional[int] = None,
+                stride: Optional[int] = None, batch_size: int = 8) -> np.ndarray:
+        """Raw uint8 image (as read from disk) -> vessel probability [H, W] at the image's size.
+        ``pixel_size_um`` (the image's micrometres per pixel): resize it to the model's pixel size first
+        and the probabilities back (no rescale when either is unknown)."""
+        from vesselfast.export.files import probability_map
+
+        scale = pixel_size_um / self.pixel_size_um if pixel_size_um and self.pixel_size_um else 1.0
+        tile, stride = self.window(tile, stride)
+        return probability_map(self.batch_fn, self.meta, raw, tile, stride, batch_size, scale)
 
     def segment_files(self, inputs: List[str], out: str, tile: Optional[int] = None, stride: Optional[int] = None,
-                      batch_size: int = 8, progress: bool = True) -> List[Path]:
-        """Files, folders or globs -> ``<out>/<name>_prob.png`` and ``_mask.png``; returns the prob paths."""
-        from vesselfast.export.files import segment_files
+                      batch_size: int = 8, progress: bool = True, overlay: bool = False,
+                      pixel_size_um: Optional[float] = None, fov_mm: Optional[float] = None,
+                      max_pixels: Optional[int] = None) -> List[Path]:
+        """Files, folders or globs -> ``<out>/<name>_prob.png``, ``_mask.png`` (and ``_overlay.png``); returns
+        the prob paths. Every check runs first (:func:`vesselfast.export.files.plan_files`)."""
+        from vesselfast.export import files
 
         tile, stride = self.window(tile, stride)
-        return segment_files(self.batch_fn, self.meta, inputs, out, tile, stride, batch_size, progress)
+        jobs = files.plan_files(inputs, out, pixel_size_um, fov_mm, max_pixels or files.MAX_PIXELS)
+        files.set_scales(jobs, self.pixel_size_um, max_pixels or files.MAX_PIXELS)
+        return self.run_jobs(jobs, out, tile, stride, batch_size, overlay, progress)
+
+    def run_jobs(self, jobs, out: str, tile: int, stride: int, batch_size: int = 8, overlay: bool = False,
+                 progress: bool = True) -> List[Path]:
+        """Planned jobs (:func:`vesselfast.export.files.plan_files`) -> their PNGs; the prob paths."""
+        from vesselfast.export.files import run_jobs
+
+        return run_jobs(self.batch_fn, self.meta, jobs, out, tile, stride, batch_size, overlay, progress)
+
+
+MIN_TILE = 16  # the default network pools a window 4 times; 16 px is 1 px at its bottom
+
+
+def check_window(tile: Optional[int], stride: Optional[int]) -> None:
+    """The model-independent part of :meth:`Segmenter.window` (before a model is loaded); None: the model's."""
+    if tile is not None and tile < MIN_TILE:
+        raise UserError(f"--tile {tile}: the sliding window needs at least {MIN_TILE} px (the network halves it "
+                        "4 times); leave --tile out for the model's own")
+    if stride is not None and stride < 1:
+        raise UserError(f"--stride {stride}: use 1..tile; the window must move by at least 1 px (leave --stride "
+                        "out for the model's own overlap)")
 
 
 def torch_device(device: str) -> str:

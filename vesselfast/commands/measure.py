@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 CSV_NAME = "biomarkers.csv"  # the file name ``segment --measure`` writes beside its masks
 
 
-def check_pixel_size(value: Optional[float], option: str = "--pixel-size") -> None:
-    """A pixel size must be a positive, finite number of micrometres per pixel (None: not given)."""
+PIXEL_SIZE_HINT = ("give the scans' micrometres per pixel, a positive number (e.g. 9.87 for a 3 mm scan of "
+                   "304 px, 15 for 6 mm at 400 px)")
+
+
+def check_pixel_size(value: Optional[float], option: str = "--pixel-size", hint: str = PIXEL_SIZE_HINT) -> None:
+    """A pixel size (or another length) must be a positive, finite number (None: not given)."""
     from vesselfast.errors import UserError
 
     if value is not None and not (math.isfinite(value) and value > 0):
-        raise UserError(f"{option} {value:g}: give the scans' micrometres per pixel, a positive number "
-                        "(e.g. 9.87 for a 3 mm scan of 304 px, 15 for 6 mm at 400 px)")
+        raise UserError(f"{option} {value:g}: {hint}")
 
 
 def add_pixel_size_argument(p, purpose: str) -> None:
@@ -40,21 +43,17 @@ def check_csv_writable(csv: Path, option: str = "--csv", example: str = CSV_NAME
     """Refuses, before any work, a CSV path that is a folder or whose folder is missing or not writable
     (tried by creating and removing a temp file there, which also catches read-only file systems).
     Any other output file too (``eval --json``): ``example`` is the file name suggested for a folder."""
-    import tempfile
-
     from vesselfast.errors import UserError
+    from vesselfast.export.files import writable_reason
 
     if csv.is_dir():
         raise UserError(f"{option} {csv}: is a folder; give a file name, e.g. {csv / example}")
     folder = csv.parent
     if not folder.is_dir():
         raise UserError(f"{option} {csv}: folder {folder} does not exist; create it first or choose another {option}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{csv.name}.", suffix=".tmp"):
-            pass
-    except OSError as exc:
-        raise UserError(f"{option} {csv}: folder {folder} is not writable ({exc.strerror or exc}); "
-                        f"choose another {option}") from exc
+    reason = writable_reason(folder)
+    if reason:
+        raise UserError(f"{option} {csv}: folder {folder} is not writable ({reason}); choose another {option}")
 
 
 def _cell(value) -> str:
@@ -63,10 +62,11 @@ def _cell(value) -> str:
     return str(value)
 
 
-def measure_files(paths: List[Path], csv: Path, pixel_size_um: Optional[float] = None,
+def measure_files(paths: List[Path], csv: Path, pixel_size_um: Union[None, float, Sequence[Optional[float]]] = None,
                   progress: bool = True) -> List[Dict[str, float]]:
     """Biomarkers of each mask file -> ``csv`` (written atomically once all masks are measured).
-    Every mask is read once before the slow part, so an unreadable or non-binary file fails first."""
+    ``pixel_size_um``: one for all masks, or one per mask. Every mask is read once before the slow part,
+    so an unreadable or non-binary file fails first."""
     import csv as csvmod
     import sys
 
@@ -81,9 +81,10 @@ def measure_files(paths: List[Path], csv: Path, pixel_size_um: Optional[float] =
         read_mask(str(path), notes=notes)
     for note in notes:
         print(f"vesselfast: note: {note}", file=sys.stderr)
+    sizes = pixel_size_um if isinstance(pixel_size_um, (list, tuple)) else [pixel_size_um] * len(paths)
     rows = []
-    for path in tqdm(paths, desc="measure", disable=not progress or None):
-        rows.append({"image": str(path), **measure(read_mask(str(path)), pixel_size_um)})
+    for path, px in tqdm(list(zip(paths, sizes)), desc="measure", disable=not progress or None):
+        rows.append({"image": str(path), **measure(read_mask(str(path)), px)})
 
     def write(fh):
         writer = csvmod.writer(fh, lineterminator="\n")
