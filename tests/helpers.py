@@ -34,3 +34,19 @@ def octa_split(root, n=2):
             write_image(root / split / "image" / f"{split}{i}.png", g)
             write_image(root / split / "label" / f"{split}{i}.png", m * 255)
     return root
+
+
+def read_only_folder(path, monkeypatch):
+    """Creates ``path`` as a 0500 folder. Root writes into those anyway, so as root the writability probe
+    (``tempfile.NamedTemporaryFile``) is made to meet a read-only file system instead."""
+    import errno
+    import tempfile
+
+    path.mkdir()
+    path.chmod(0o500)
+    if os.geteuid() == 0:
+
+        def read_only(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    return path

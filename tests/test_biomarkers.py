@@ -15,6 +15,8 @@ from skimage.draw import line
 from vesselfast import biomarkers as bm
 from vesselfast.cli import main
 
+from helpers import read_only_folder
+
 
 def straight_vessel(width, length, shape=(64, 256), col0=28):
     """A horizontal bar ``width`` px thick and ``length`` px long."""
@@ -218,17 +220,7 @@ def test_measure_refusals(case, mask_folder, tmp_path, capsys, monkeypatch):
     elif case == "csv_folder_missing":
         out, expect = tmp_path / "no" / "bio.csv", "does not exist; create it"
     else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o500)
-        if os.geteuid() == 0:  # root writes into a 0500 folder: make the probe meet a read-only file system
-            import errno
-            import tempfile
-
-            def read_only(*a, **k):
-                raise OSError(errno.EROFS, "Read-only file system")
-            monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
-        out, expect = ro / "bio.csv", "is not writable"
+        out, expect = read_only_folder(tmp_path / "ro", monkeypatch) / "bio.csv", "is not writable"
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(["measure", *inputs, *extra, "--csv", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -2,9 +2,7 @@
 folder, tile/stride, image size, pixel size), one line for what OpenCV and Pillow say, and rescaling to
 the model's pixel size (``--pixel-size`` / ``--fov-mm``). The model is the session's tiny run."""
 import csv
-import errno
 import os
-import tempfile
 import warnings
 
 import cv2
@@ -15,6 +13,8 @@ from vesselfast.cli import main
 from vesselfast.data.synthetic import raw_pair
 from vesselfast.export import Segmenter
 from vesselfast.export import files as F
+
+from helpers import read_only_folder
 
 MODEL_PX = 10.0  # the pixel size given to the tiny model where a test needs one
 
@@ -118,13 +118,7 @@ def test_unwritable_out_is_refused_before_the_model_loads(case, tmp_path, capsys
         (tmp_path / "f").write_text("x")
         out, expect = tmp_path / "f" / "masks", "is a file, so the folder cannot be created"
     else:
-        out.mkdir()
-        out.chmod(0o500)
-        if os.geteuid() == 0:  # root writes into a 0500 folder: make the probe meet a read-only file system
-
-            def read_only(*a, **k):
-                raise OSError(errno.EROFS, "Read-only file system")
-            monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+        read_only_folder(out, monkeypatch)
         expect = "is not writable"
     before = sorted(p.name for p in tmp_path.rglob("*"))
     # the model does not exist: the refusal must come first
