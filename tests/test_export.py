@@ -13,6 +13,7 @@ from vesselfast.data import builtin_domain, preprocessing_spec
 from vesselfast.export import Segmenter, read_onnx_metadata
 from vesselfast.models import SegmenterUNet
 from vesselfast.checkpoint import save_checkpoint
+from vesselfast.errors import UserError
 from vesselfast.pipeline.segmentation import train_segmenter
 
 OCTA_TEST = "octa/OCTA-500_3M/test/image"
@@ -187,11 +188,21 @@ def test_segment_errors(case, onnx_file, tmp_path, capsys):
 
 
 def test_export_errors(checkpoint, tmp_path, capsys):
+    ck, out = ["--onnx", "--checkpoint", str(checkpoint)], ["--out", str(tmp_path / "a.onnx")]
     cases = [
-        (["--onnx", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "a.onnx")], "none.pt"),
-        (["--onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "no_dir" / "a.onnx")], "does not exist"),
-        (["--onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.onnx"), "--opset", "7"], "--opset 7"),
-        (["--onnx", "--run", str(tmp_path), "--out", str(tmp_path / "a.onnx")], "no trained segmenter"),
+        (["--onnx", "--checkpoint", str(tmp_path / "none.pt"), *out], f"--checkpoint {tmp_path / 'none.pt'}: no such"),
+        ([*ck, "--out", str(tmp_path / "no_dir" / "a.onnx")], "does not exist"),
+        ([*ck, *out, "--opset", "7"], "--opset 7"),
+        (["--onnx", "--run", str(tmp_path), *out], f"--run {tmp_path}: no trained segmenter"),
+        (["--onnx", "--run", str(tmp_path / "gone"), *out], f"--run {tmp_path / 'gone'}: no such"),
+        # segment tells the formats apart by the suffix: refused, the fix named
+        ([*ck, "--out", str(tmp_path / "seg")], f"needs the .onnx suffix (vesselfast segment tells the formats apart "
+                                                f"by it); use --out {tmp_path / 'seg.onnx'}"),
+        (["--tensorrt", "--checkpoint", str(checkpoint), *out], "a TensorRT engine needs the .engine / .plan / .trt"),
+        ([*ck, *out, "--fov-mm", "3"], "--fov-mm and --image-px go together"),
+        ([*ck, *out, "--pixel-size", "9.87", "--fov-mm", "3", "--image-px", "304"], "not both"),
+        ([*ck, *out, "--pixel-size", "0.00987"], "give micrometres per pixel"),
+        ([*ck, *out, "--quality-images", "-1"], "--quality-images -1"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--tensorrt", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.engine")], "--tensorrt"))
@@ -205,6 +216,47 @@ def test_export_errors(checkpoint, tmp_path, capsys):
 def test_metadata_is_plain_json(onnx_file):
     raw = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}["vesselfast"]
     assert json.loads(raw)["format"] == "vesselfast-segmenter/1"
+
+
+def _rewrite_metadata(src, dst, change):
+    from vesselfast.export import metadata as M
+
+    model = onnx.load(str(src))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["vesselfast"])
+    M.attach_onnx(model, change(meta))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_model_card_round_trip_from_a_bare_checkpoint(checkpoint, tmp_path, capsys):
+    """A checkpoint outside any run directory: the card has what export was told, the rest null."""
+    out = tmp_path / "named.onnx"
+    assert main(["export", "--onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--name", "my model",
+                 "--fov-mm", "3", "--image-px", "304", "--terms", "CC BY-NC 4.0"]) == 0
+    assert "model card: my model (segmenter_1)" in capsys.readouterr().out
+    meta = read_onnx_metadata(out)
+    assert meta["pixel_size_um"] == pytest.approx(9.8684)
+    card = meta["model_card"]
+    assert card["name"] == "my model" and card["terms"] == "CC BY-NC 4.0" and card["stage"] == "segmenter_1"
+    assert card["not_for"].startswith("Not a medical device")
+    assert card["training_data"] is None and card["recreate"] is None and card["target_test"] is None
+    assert meta["quality_reference"] is None
+    assert Segmenter.load(str(out)).meta["model_card"] == card
+
+
+def test_metadata_without_the_new_keys_stays_readable(onnx_file, tmp_path):
+    from vesselfast.export.quality import quality_flags
+
+    old = _rewrite_metadata(onnx_file, tmp_path / "old.onnx", lambda m: {
+        k: v for k, v in m.items() if k not in ("pixel_size_um", "model_card", "quality_reference")})
+    meta = read_onnx_metadata(old)
+    assert "model_card" not in meta and "pixel_size_um" not in meta
+    seg = Segmenter.load(str(old))
+    prob = seg.predict(np.full((64, 64), 100, np.uint8))
+    assert quality_flags(prob, seg.threshold, seg.meta.get("quality_reference"))["quality"] == "n/a"
+    bad = _rewrite_metadata(onnx_file, tmp_path / "bad.onnx", lambda m: {**m, "pixel_size_um": "9.87 um"})
+    with pytest.raises(UserError, match="unusable pixel_size_um"):
+        read_onnx_metadata(bad)
 
 
 def test_export_from_run_directory_uses_final_segmenter(tiny_run, tmp_path, capsys):
@@ -225,6 +277,40 @@ def test_export_from_run_directory_uses_final_segmenter(tiny_run, tmp_path, caps
     assert np.abs(final.predict(raw) - exported.predict(raw)).max() < 1e-5
 
 
+def test_model_card_from_a_run_directory(tiny_run, tmp_path, capsys):
+    """The card names the run, re-creates its config, and scores the final round as metrics.json does;
+    the quality reference measures the run's (built-in) target training images."""
+    import shlex
+
+    import yaml
+
+    from vesselfast.pipeline.config import resolve, to_dict
+
+    out = tmp_path / "card.onnx"
+    assert main(["export", "--onnx", "--run", str(tiny_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model card: run (segmenter_1)" in printed and "quality reference: 4 target training images" in printed
+    meta = read_onnx_metadata(out)
+    card = meta["model_card"]
+    assert meta["pixel_size_um"] is None
+    final = json.loads((tiny_run / "metrics.json").read_text())["target_test"]["iter1"]
+    scores = card["target_test"]
+    assert scores["model"] == "iter1" and scores["n_images"] == final["n_images"]
+    assert (scores["dsc"], scores["auc"], scores["ahd"]) == (final["dsc"], final["auc"], final["ahd"])
+    assert "built-in synthetic fundus" in card["training_data"] and "labels never read" in card["training_data"]
+    assert card["commit"] is None or len(card["commit"].split("-")[0]) == 40
+    # the command re-creates the run's config
+    argv = shlex.split(card["recreate"]["command"])
+    assert argv[:2] == ["vesselfast", "train"] and card["recreate"]["seed"] == 0 and "seed=0" in argv
+    opts = {"source": argv[argv.index("--source") + 1:argv.index("--target")], "target": argv[argv.index("--target") + 1]}
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    again = resolve(argv[argv.index("--preset") + 1], sets=sets, overrides={"data": opts})
+    assert to_dict(again) == yaml.safe_load((tiny_run / "config.yaml").read_text())
+    ref = meta["quality_reference"]
+    assert ref["n_images"] == 4 and ref["threshold"] == meta["threshold"]
+    assert ref["marked_share"]["p5"] <= ref["marked_share"]["p50"] <= ref["marked_share"]["p95"]
+
+
 def test_parity_uses_the_runs_real_target_images(tiny_run, tmp_path, shared_data, capsys):
     """A run trained on real OCTA: the parity check takes its first target training images (images only)."""
     import shutil
@@ -236,5 +322,10 @@ def test_parity_uses_the_runs_real_target_images(tiny_run, tmp_path, shared_data
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     config["data"]["target"] = str(shared_data / "octa" / "OCTA-500_3M")
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["export", "--onnx", "--run", str(run), "--out", str(tmp_path / "seg.onnx")]) == 0
-    assert "2 of the run's target images" in capsys.readouterr().out
+    out = tmp_path / "seg.onnx"
+    assert main(["export", "--onnx", "--run", str(run), "--out", str(out), "--quality-images", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of the run's target images" in printed
+    # the quality reference: 3 of its target training images, spread over the folder, labels unread
+    assert "quality reference: 3 target training images (OCTA-500_3M train split, labels unread)" in printed
+    assert read_onnx_metadata(out)["quality_reference"]["n_images"] == 3

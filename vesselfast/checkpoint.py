@@ -137,25 +137,27 @@ def segmenter_from_state(state: Dict[str, Any], where: str = "checkpoint"):
 INFERENCE_KEYS = ("preprocessing", "tile", "stride", "threshold")
 
 
-def final_segmenter_path(run_dir: Path) -> Path:
-    """The last co-optimisation round's segmenter of a run (segmenter_K.pt with the largest K)."""
+def final_segmenter_path(run_dir: Path, option: str = "--model") -> Path:
+    """The last co-optimisation round's segmenter of a run (segmenter_K.pt with the largest K); errors name
+    ``option``, the command-line option that gave the run directory."""
     from vesselfast.pipeline.keys import final_stage
 
     stage = final_stage(p.stem for p in (Path(run_dir) / "ckpt").glob("segmenter_*.pt"))
     if not stage:
-        raise UserError(f"--model {run_dir}: no trained segmenter in {run_dir}/ckpt; finish a vesselfast train run first")
+        raise UserError(f"{option} {run_dir}: no trained segmenter in {run_dir}/ckpt; finish a vesselfast train run first")
     return Path(run_dir) / "ckpt" / f"{stage}.pt"
 
 
-def load_segmenter(model_path: str) -> Tuple[Any, Dict[str, Any]]:
+def load_segmenter(model_path: str, option: str = "--model") -> Tuple[Any, Dict[str, Any]]:
     """(SegmenterUNet in eval mode, its inference fields: preprocessing, tile, stride, threshold) from a
-    segmenter checkpoint or a run directory (its final segmenter)."""
+    segmenter checkpoint or a run directory (its final segmenter). Errors name ``option`` (``--model`` for
+    segment, ``--run`` / ``--checkpoint`` for export)."""
     path = Path(model_path)
     if not path.exists():
-        raise UserError(f"--model {model_path}: no such file or directory")
+        raise UserError(f"{option} {model_path}: no such file or directory")
     if path.is_dir():
-        path = final_segmenter_path(path)
+        path = final_segmenter_path(path, option)
     ck = load_checkpoint(path)
     if "channels" not in ck or "model" not in ck or "preprocessing" not in ck:
-        raise UserError(f"--model {path}: not a segmenter checkpoint (kind {ck.get('kind')!r})")
-    return segmenter_from_state(ck, f"--model {path}"), {k: ck[k] for k in INFERENCE_KEYS}
+        raise UserError(f"{option} {path}: not a segmenter checkpoint (kind {ck.get('kind')!r})")
+    return segmenter_from_state(ck, f"{option} {path}"), {k: ck[k] for k in INFERENCE_KEYS}
