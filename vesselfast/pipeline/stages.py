@@ -142,14 +142,10 @@ def synthesize_stage(ctx: Context, name: str, g_t: Dict, sampler_key: str, laten
         + sampler_keys(sampler_name)
 
     def compute(view):
-        settings = {"clip": view.diffusion.clip}
-        wanted = sampler_keys(sampler_name)
-        if "diffusion.ddim_steps" in wanted:
-            settings.update(ddim_steps=view.diffusion.ddim_steps, t0_steps=t0_steps_of(view))
-        if "synthesis.noise_steps" in wanted:
-            settings["noise_steps"] = view.synthesis.noise_steps
-        if "synthesis.eta" in wanted:
-            settings["eta"] = view.synthesis.eta
+        read = {"clip": lambda: view.diffusion.clip, "ddim_steps": lambda: view.diffusion.ddim_steps,
+                "t0_steps": lambda: t0_steps_of(view), "noise_steps": lambda: view.synthesis.noise_steps,
+                "eta": lambda: view.synthesis.eta}  # each setting from its keys in SAMPLER_SETTING_KEYS
+        settings = {setting: read[setting]() for setting in settings_of(sampler_name)}
         sampler, schedule, batch = make_sampler(sampler_name, **settings), schedule_of(view), view.synthesis.batch_size
         eps_model = EpsModel(generator_of(g_t), view.generator.precision, ctx.device)
         bar, progress = _bar(dist.own_rows(masks.shape[0], batch), name)
