@@ -25,7 +25,8 @@ from vesselfast.testhooks import state_hash
 
 TIMEOUT = 300
 TRAINED_OR_COMPUTED = ("survey", "pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "baseline",
-                       "baseline_histmatch", "pseudo_label_1", "target_generator_1", "synthesize_1", "segmenter_1")
+                       "baseline_histmatch", "pseudo_label_1", "target_generator_1", "synthesize_1", "segmenter_1",
+                       "selftrain_pseudo_label_1", "baseline_selftrain")
 
 
 def free_port() -> int:
@@ -68,7 +69,7 @@ def test_two_processes_train_tiny_with_identical_ranks(tmp_path, tiny_run):
     printed = proc.stdout + proc.stderr
     assert printed.count("[vesselfast] stage pretrain_source: start") == 1 and printed.count("done:") == 1
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["target_test"]) == {"baseline", "baseline_histmatch", "iter0", "iter1"}
+    assert set(metrics["target_test"]) == {"baseline", "baseline_histmatch", "baseline_selftrain", "iter0", "iter1"}
     assert all(m["n_images"] == 2 for m in metrics["target_test"].values())
     assert set(metrics["stages"]) == set(TRAINED_OR_COMPUTED)
     for name in ("metrics.csv", "metrics.png", "report.md", "pictures/round0.png", "pictures/round1.png",

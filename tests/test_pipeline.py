@@ -18,7 +18,7 @@ SUMMARY = ("dsc", "dsc_std", "auc", "acc", "ahd", "n_images")
 
 def test_run_directory_holds_everything(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
-    assert set(m["target_test"]) == {"baseline", "baseline_histmatch", "iter0", "iter1"}
+    assert set(m["target_test"]) == {"baseline", "baseline_histmatch", "baseline_selftrain", "iter0", "iter1"}
     for entry in m["target_test"].values():
         assert set(SUMMARY) <= set(entry)
         assert 0 <= entry["dsc"] <= 1 and 0 <= entry["auc"] <= 1 and 0 <= entry["acc"] <= 1 and entry["ahd"] >= 0
@@ -239,6 +239,8 @@ def test_calibration_matches_the_vessel_prior(tiny_run, tmp_path, prior):
         probs = segmenter_probs(ctx, RunDir(run, writer=False).load(stage), targets, "fp32", stage)
         assert marked_share(probs, 0.5) == pytest.approx(want, abs=0.01)
     assert "calibration_prior" not in stages["baseline"]  # the baselines stay as defined
+    # the self-training control is calibrated like the rounds
+    assert stages["baseline_selftrain"]["calibration_prior"] == pytest.approx(want, abs=1e-5)
 
 
 def test_vessel_prior_modes_and_the_cap():
@@ -402,10 +404,56 @@ def test_stage_and_metric_key_names():
     """keys.py is the one place that maps stages to metric keys and finds the last round."""
     from vesselfast.pipeline.keys import final_key, final_stage, metric_key, model_order
 
-    assert [metric_key(s) for s in ("baseline", "baseline_histmatch", "segmenter_0", "segmenter_12", "invert",
-                                    "pseudo_label_1", "segmenter_1.partial")] == \
-        ["baseline", "baseline_histmatch", "iter0", "iter12", None, None, None]
+    assert [metric_key(s) for s in ("baseline", "baseline_histmatch", "baseline_selftrain", "segmenter_0",
+                                    "segmenter_12", "invert", "pseudo_label_1", "segmenter_1.partial", "selftrain_1",
+                                    "selftrain_pseudo_label_1")] == \
+        ["baseline", "baseline_histmatch", "baseline_selftrain", "iter0", "iter12", None, None, None, None, None]
     assert final_stage(["segmenter_0", "segmenter_10", "segmenter_2", "segmenter_3.partial", "baseline"]) == "segmenter_10"
     assert final_stage(["baseline"]) == "" and final_key(["iter0", "iter2", "iter10", "baseline"]) == "iter10"
-    assert sorted(["iter10", "iter2", "baseline_histmatch", "source", "baseline", "iter0"], key=model_order) == \
-        ["source", "baseline", "baseline_histmatch", "iter0", "iter2", "iter10"]
+    assert sorted(["iter10", "iter2", "baseline_histmatch", "source", "baseline_selftrain", "baseline", "iter0"],
+                  key=model_order) == \
+        ["source", "baseline", "baseline_histmatch", "baseline_selftrain", "iter0", "iter2", "iter10"]
+
+
+def test_selftrain_control_is_the_rounds_on_pseudo_labelled_target_crops(tiny_run, tmp_path):
+    """baseline_selftrain: round 1 pseudo-labels are the anchor's marks on the real target training images
+    (the same pooled share), its training set is pseudo-labelled real target crops (not the synthetic pairs),
+    it is fine-tuned from the anchor with the rounds' budget, and with two rounds the last round carries the
+    name while the first (selftrain_1) feeds it."""
+    import numpy as np
+    import torch
+
+    from vesselfast.pipeline.inputs import load_samples
+
+    run = RunDir(tiny_run, writer=False)
+    stages = run.stages()
+    assert stages["selftrain_pseudo_label_1"]["marked_share"] == pytest.approx(
+        stages["baseline_histmatch"]["marked_share"], abs=1e-5)  # both rounded to 5 digits
+    assert stages["baseline_selftrain"]["steps"] == resolve("tiny").segmenter.steps_round
+    pseudo = run.load("selftrain_pseudo_label_1")
+    # the crops are real target images: each one occurs in a target training image
+    cfg = resolve("tiny")
+    train = load_samples(cfg, [cfg.data.target], "target", "train", False, seed=cfg.seed)
+    crop = pseudo["images"][0, 0].numpy()
+    c = crop.shape[0]
+    found = any(np.allclose(s.image[i:i + c, j:j + c], crop)
+                for s in train for i in range(s.image.shape[0] - c + 1) for j in range(s.image.shape[1] - c + 1))
+    assert found
+    assert set(torch.unique(pseudo["masks"]).tolist()) <= {0.0, 1.0}
+    # fine-tuned from the anchor: far closer to its weights than the control trained from scratch
+    fresh = tmp_path / "fresh"
+    assert main(["train", "--preset", "tiny", "--out", str(fresh), "--reuse", str(tiny_run),
+                 "--set", "segmenter.finetune=false"]) == 0
+    anchor = run.load("baseline_histmatch")["model"]
+
+    def distance(state):  # over the convolution weights (not the norm statistics or the calibrated bias)
+        return sum(float((state[k] - anchor[k]).pow(2).sum()) for k in anchor if anchor[k].dim() == 4) ** 0.5
+    assert distance(run.load("baseline_selftrain")["model"]) < 0.5 * distance(
+        RunDir(fresh, writer=False).load("baseline_selftrain")["model"])
+
+    two = tmp_path / "two_rounds"
+    assert main(["train", "--preset", "tiny", "--out", str(two), "--reuse", str(tiny_run), "--set", "rounds=2"]) == 0
+    st = RunDir(two, writer=False).stages()
+    assert {"selftrain_pseudo_label_1", "selftrain_1", "selftrain_pseudo_label_2", "baseline_selftrain"} <= set(st)
+    assert st["selftrain_pseudo_label_1"]["reused_from"] == str(tiny_run)
+    assert "baseline_selftrain" in json.loads((two / "metrics.json").read_text())["target_test"]

@@ -132,7 +132,8 @@ class RunConfig:
     device: str = "cpu"            # cpu | cuda | cuda:N (validate)
     rounds: int = option(3, ge=0)
     ckpt_every: int = option(200, ge=1)  # steps between in-stage checkpoints
-    # Train and evaluate the baselines (baseline, baseline_histmatch). With false, baseline_histmatch is
+    # Train and evaluate the baselines: baseline, baseline_histmatch (the anchor) and baseline_selftrain (the
+    # rounds on pseudo-labelled real target crops, no generator). With false, baseline_histmatch is
     # still trained when segmenter.vessel_prior=estimate needs its marked share, but it is not evaluated.
     baselines: bool = True
     data: DataConfig = field(default_factory=DataConfig)

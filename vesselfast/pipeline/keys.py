@@ -4,6 +4,9 @@ metrics.json and orders those keys.
     stage               metric key
     baseline            baseline             segmenter on preprocessed source crops
     baseline_histmatch  baseline_histmatch   the same on histogram-matched source crops (the anchor)
+    baseline_selftrain  baseline_selftrain   the control: the rounds on pseudo-labelled real target crops
+                                             instead of synthetic pairs (its earlier rounds, selftrain_k,
+                                             are not evaluated)
     segmenter_0         iter0                F^0, on the Iter-0 synthetic pairs
     segmenter_k         iterk                F^k, the k-th co-optimisation round
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Tuple
 
-BASELINES = ("baseline", "baseline_histmatch")
+BASELINES = ("baseline", "baseline_histmatch", "baseline_selftrain")
 _ROUND = re.compile(r"iter(\d+)")
 _SEGMENTER = re.compile(r"segmenter_(\d+)")
 
@@ -47,6 +50,6 @@ def final_key(keys: Iterable[str]) -> str:
 
 def model_order(key: str) -> Tuple[int, int, str]:
     """Sort key: source, baselines, then iter0, iter1, ..."""
-    fixed = {"source": -1, "baseline": 0, "baseline_histmatch": 1}
+    fixed = {"source": -1, "baseline": 0, "baseline_histmatch": 1, "baseline_selftrain": 2}
     k = round_of(key)
-    return fixed.get(key, 2), -1 if k is None else k, key
+    return fixed.get(key, 3), -1 if k is None else k, key

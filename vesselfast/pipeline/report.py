@@ -184,7 +184,7 @@ def plot_metrics(run: RunDir, metrics: Dict[str, Dict], title: str = "") -> None
         ax.bar(range(len(keys)), vals, yerr=stds, color=colors, capsize=2)
         ax.set_xticks(range(len(keys)), [k.replace("baseline_", "b_") for k in keys], rotation=45, ha="right")
         ax.set_title(m.upper() + (" (px, lower is better)" if m == "ahd" else " (higher is better)"), fontsize=10)
-    fig.legend(handles=[Patch(color=BASELINE_COLOUR, label="baselines (trained on source images; b_ = baseline_)"),
+    fig.legend(handles=[Patch(color=BASELINE_COLOUR, label="baselines (b_ = baseline_; b_selftrain: the rounds without a generator)"),
                         Patch(color=METHOD_COLOUR, label="the method (iter0 = Iter-0, iterK = round K)")],
                loc="upper right", fontsize=8, ncol=2, frameon=False)
     fig.suptitle(f"{title or run_title(run)}: target test split" + (f", {n} images" if n else "")

@@ -82,7 +82,7 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
     g_name, f_name = "pretrain_target", "segmenter_0"
     finetune = cfg.segmenter.finetune
     for k in range(1, cfg.rounds + 1):
-        pseudo = pseudo_label_stage(ctx, k, f, f_name, inputs.target_train)
+        pseudo = pseudo_label_stage(ctx, f"pseudo_label_{k}", f, f_name, inputs.target_train)
         g_t = generator_stage(ctx, f"target_generator_{k}", pseudo["images"], pseudo["masks"], "steps_round",
                               (f"pseudo_label_{k}", g_name), init=g_t)
         synth = synthesize_stage(ctx, f"synthesize_{k}", g_t, "sampler", latents, syn_masks, True,
@@ -96,6 +96,22 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
         if writer:
             report.save_round_grid(ctx.run, k, syn_src, latents, synth, syn_masks, pseudo["images"], pseudo["masks"])
         results.evaluate(f_name, f)
+
+    # 6. The self-training control (with the baselines): the same rounds without a generator. Each round's
+    #    segmenter trains on real target crops with the previous one's pseudo-labels instead of G_T^k's
+    #    synthetic pairs (same budget, calibration, source mix, fine-tuning); round 1 is labelled by the
+    #    anchor, and the last round is baseline_selftrain. What the method gains over it is the generator's.
+    if cfg.baselines and cfg.rounds > 0:
+        f, f_name = anchor, "baseline_histmatch"
+        for k in range(1, cfg.rounds + 1):
+            labels, name = f"selftrain_pseudo_label_{k}", "baseline_selftrain" if k == cfg.rounds else f"selftrain_{k}"
+            pseudo = pseudo_label_stage(ctx, labels, f, f_name, inputs.target_train)
+            f = segmenter_stage(ctx, name, pseudo["images"], pseudo["masks"], "steps_round",
+                                ("data", labels) + ((f_name,) if finetune else ()),
+                                init=f if finetune else None, calibration=calibration,
+                                source_mix=(matched, data.src_masks), extra_keys=("segmenter.finetune",))
+            f_name = name
+        results.evaluate("baseline_selftrain", f)
 
     if writer:
         report.write_all(ctx.run, cfg, results.metrics, results.diagnostics)

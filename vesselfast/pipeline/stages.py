@@ -175,7 +175,7 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
         keys += ("segmenter.source_mix",)
     if calibration is not None:
         keys += CALIBRATION_KEYS
-        if ctx.cache.choice("segmenter.vessel_prior") == "estimate":
+        if ctx.cache.choice("segmenter.vessel_prior") == "estimate" and "baseline_histmatch" not in inputs:
             inputs = tuple(inputs) + ("baseline_histmatch",)
 
     def compute(view):
@@ -213,14 +213,15 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
     return ctx.cache.stage(name, keys, inputs, compute)
 
 
-def pseudo_label_stage(ctx: Context, k: int, labeller: Dict, labeller_name: str, target_train: List[Sample]) -> Dict:
-    """Round k's pseudo-labels: ``labeller`` (F^{k-1}) on the real target training images, thresholded at
-    its own threshold, and ``data.pool`` crops of them (images and labels [pool x 1 x c x c])."""
-    name = f"pseudo_label_{k}"
-
+def pseudo_label_stage(ctx: Context, name: str, labeller: Dict, labeller_name: str,
+                       target_train: List[Sample]) -> Dict:
+    """A round's pseudo-labels: ``labeller`` (F^{k-1}, the stage ``labeller_name``) on the real target
+    training images, thresholded at its own threshold, and ``data.pool`` crops of them (images and labels
+    [pool x 1 x c x c]). The method's stages are ``pseudo_label_k``, the self-training control's
+    ``selftrain_pseudo_label_k``."""
     def compute(view):
         probs = segmenter_probs(ctx, labeller, [s.image for s in target_train], view.segmenter.precision,
-                                f"pseudo-label {k}")
+                                name.replace("_", " "))
         labels = [(p >= labeller["threshold"]).astype(np.uint8) for p in probs]
         crops, masks, _ = random_crops(
             [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(target_train, labels)],
