@@ -36,6 +36,12 @@ def test_run_directory_holds_everything(tiny_run):
                  "pictures/test_iter1.png"):
         assert (tiny_run / name).stat().st_size > 0, name
     assert "iter1" in (tiny_run / "report.md").read_text()
+    # the profile: every second of the stages and evaluations in one kind of work, nothing counted twice
+    assert set(m["evaluation_seconds"]) == set(m["target_test"])
+    assert stages["segmenter_0"]["inference_seconds"] > 0 and "inference_seconds" not in stages["baseline"]
+    assert sum(m["profile"].values()) == pytest.approx(m["total_seconds"] + sum(m["evaluation_seconds"].values()),
+                                                       abs=0.5)
+    assert "| generator training |" in (tiny_run / "report.md").read_text()
     assert not list(tiny_run.glob("ckpt/*.partial.pt")) and not list(tiny_run.rglob("*.tmp"))
     latents = load_checkpoint(tiny_run / "ckpt" / "invert.pt", kind="invert")["latents"]
     assert latents.dtype == __import__("torch").float32  # latents are never stored as 8-bit images
@@ -316,6 +322,22 @@ def test_reuse_takes_unchanged_stages_and_equals_a_fresh_run(tiny_run, tmp_path,
     assert [r["name"] for r in data["runs"]] == ["run", "reused", "other_target"]
     assert data["runs"][1]["metrics"]["iter0"]["dsc"] == data["runs"][0]["metrics"]["iter0"]["dsc"]
     assert (tmp_path / "cmp.png").stat().st_size > 0
+    assert "generator training min" in table and data["runs"][0]["profile"]["generator training"] > 0
+
+
+def test_profile_sorts_every_stage_into_one_kind():
+    """keys.profile against sums written out by hand."""
+    from vesselfast.pipeline.keys import KINDS, profile
+
+    stages = {"survey": {"seconds": 5}, "pretrain_source": {"seconds": 100}, "pretrain_target": {"seconds": 90},
+              "target_generator_1": {"seconds": 30}, "invert": {"seconds": 7}, "synthesize_0": {"seconds": 11},
+              "baseline": {"seconds": 20}, "baseline_histmatch": {"seconds": 25, "inference_seconds": 4},
+              "segmenter_0": {"seconds": 22, "inference_seconds": 3}, "pseudo_label_1": {"seconds": 2},
+              "selftrain_pseudo_label_1": {"seconds": 2}, "baseline_selftrain": {"seconds": 9, "inference_seconds": 1}}
+    got = profile(stages, evaluation_seconds=6)
+    assert list(got) == list(KINDS)
+    assert got == {"survey": 5, "generator training": 220, "inversion and synthesis": 18,
+                   "segmenter training": 20 + 21 + 19 + 8, "inference": 4 + 3 + 1 + 2 + 2 + 6}
 
 
 def test_diagnostics_per_round(tiny_run):

@@ -3,7 +3,8 @@
 One row per run: the config keys in which it differs from the first run (so an ablation table writes
 itself), DSC of every model the runs share (baselines, iter0, each round), the final round's AUC and AHD,
 the diagnostics of the last round, and the stage time a run costs from scratch (stages taken with
-``--reuse`` count with the time they took where they were computed).
+``--reuse`` count with the time they took where they were computed), in all and per kind of work
+(keys.profile), so a slower stage shows between two commits.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 from vesselfast.errors import UserError
-from vesselfast.pipeline.keys import final_key, model_order
+from vesselfast.pipeline.keys import KINDS, final_key, model_order, profile
 from vesselfast.pipeline.report import load_metrics
 from vesselfast.pipeline.rundir import RunDir
 
@@ -44,7 +45,8 @@ def load_run(path: str) -> Dict[str, Any]:
             "metrics": metrics["target_test"], "diagnostics": metrics.get("diagnostics", {}),
             "stage_seconds": round(sum(s.get("seconds", 0) for s in stages.values()), 1),
             "computed_seconds": round(sum(s.get("seconds", 0) for s in stages.values() if "reused_from" not in s), 1),
-            "reused": sorted(n for n, s in stages.items() if "reused_from" in s)}
+            "reused": sorted(n for n, s in stages.items() if "reused_from" in s),
+            "profile": metrics.get("profile") or profile(stages, sum(metrics.get("evaluation_seconds", {}).values()))}
 
 
 def compare_runs(paths: Sequence[str]) -> Dict[str, Any]:
@@ -69,7 +71,8 @@ def _fmt(v, digits=4) -> str:
 def format_markdown(table: Dict[str, Any]) -> str:
     models = table["models"]
     head = ["run", "changed vs the first run"] + [f"{m} DSC" for m in models] + [
-        "final AUC", "final AHD", "pseudo-label share", "synthetic-target distance (eucl / cos)", "stage min"]
+        "final AUC", "final AHD", "pseudo-label share", "synthetic-target distance (eucl / cos)", "stage min"] + [
+        f"{kind} min" for kind in KINDS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["runs"]:
         changed = ", ".join(f"{k}={v}" for k, v in r["changed"].items()) or "(reference)"
@@ -79,7 +82,7 @@ def format_markdown(table: Dict[str, Any]) -> str:
                 if diag.get("hist_euclidean") is not None else "-")
         cells = [r["name"], changed] + [_fmt(r["metrics"].get(m, {}).get("dsc")) for m in models] + [
             _fmt(final.get("auc")), _fmt(final.get("ahd"), 2), _fmt(diag.get("pseudo_label_share"), 3), dist,
-            _fmt(r["stage_seconds"] / 60, 1)]
+            _fmt(r["stage_seconds"] / 60, 1)] + [_fmt(r["profile"].get(kind, 0.0) / 60, 1) for kind in KINDS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

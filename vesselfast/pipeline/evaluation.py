@@ -3,6 +3,7 @@ metrics and diagnostics (metrics.json, report.md, pictures). ``vesselfast eval``
 run's segmenters with the same code (:func:`evaluate_run`)."""
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -32,7 +33,9 @@ class Evaluation:
 
     def __init__(self, ctx: Context, test: List[Sample], precision: str, target_crops: torch.Tensor):
         self.ctx, self.test, self.precision, self.target_crops = ctx, test, precision, target_crops
-        self.metrics: Dict[str, Dict] = dist.broadcast(dict(report.load_metrics(ctx.run).get("target_test", {})))
+        saved = dist.broadcast(report.load_metrics(ctx.run))
+        self.metrics: Dict[str, Dict] = dict(saved.get("target_test", {}))
+        self.seconds: Dict[str, float] = dict(saved.get("evaluation_seconds", {}))  # per model key
         self.diagnostics: Dict[str, Dict] = {}
 
     def evaluate(self, stage: str, state: Dict) -> Dict:
@@ -40,11 +43,13 @@ class Evaluation:
         key = metric_key(stage)
         if key in self.metrics:
             return self.metrics[key]
+        t = time.perf_counter()
         summary, probs = evaluate_on(self.ctx, state, self.test, self.precision, f"eval {key}")
         self.metrics[key] = summary
+        self.seconds[key] = round(time.perf_counter() - t, 2)
         if self.ctx.run.writer:  # the picture first: a kill between the two redoes this evaluation
             report.save_prediction_grid(self.ctx.run, key, self.test, probs)
-            report.save_metrics(self.ctx.run, self.metrics, self.diagnostics)
+            report.save_metrics(self.ctx.run, self.metrics, self.diagnostics, self.seconds)
         LOG.info(f"{key}: DSC {summary['dsc']:.4f} (std {summary['dsc_std']:.4f})  AUC {summary['auc']:.4f}  "
                  f"ACC {summary['acc']:.4f}  AHD {summary['ahd']:.2f} px  ({summary['n_images']} test images)")
         return summary

@@ -11,14 +11,18 @@ metrics.json and orders those keys.
     segmenter_k         iterk                F^k, the k-th co-optimisation round
 
 ``source`` appears only among the diagnostics (the source crops' distance to the target).
+
+Every stage also has a *kind of work* (:func:`stage_kind`), the rows of a run's profile (:func:`profile`).
 """
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 BASELINES = ("baseline", "baseline_histmatch", "baseline_selftrain")
 _ROUND = re.compile(r"iter(\d+)")
+# the kinds of work a run's time is reported in (report.md, metrics.json "profile", compare)
+KINDS = ("survey", "generator training", "inversion and synthesis", "segmenter training", "inference")
 _SEGMENTER = re.compile(r"segmenter_(\d+)")
 
 
@@ -53,3 +57,29 @@ def model_order(key: str) -> Tuple[int, int, str]:
     fixed = {"source": -1, "baseline": 0, "baseline_histmatch": 1, "baseline_selftrain": 2}
     k = round_of(key)
     return fixed.get(key, 3), -1 if k is None else k, key
+
+
+def stage_kind(stage: str) -> str:
+    """The kind of work a stage does (:data:`KINDS`). Segmenter stages also infer (calibration, marked
+    share): that part of their time is kept apart as their ``inference_seconds``."""
+    if stage == "survey":
+        return "survey"
+    if stage.startswith(("pretrain_", "target_generator_")):
+        return "generator training"
+    if stage == "invert" or stage.startswith("synthesize_"):
+        return "inversion and synthesis"
+    if "pseudo_label_" in stage:
+        return "inference"
+    return "segmenter training"
+
+
+def profile(stages: Dict[str, Dict], evaluation_seconds: float = 0.0) -> Dict[str, float]:
+    """Seconds per kind of work from stages.json entries (``seconds``, segmenters' ``inference_seconds``)
+    plus the evaluations on the test split (inference); every kind present, in :data:`KINDS` order."""
+    out = {kind: 0.0 for kind in KINDS}
+    for name, info in stages.items():
+        seconds, inferred = info.get("seconds", 0.0), info.get("inference_seconds", 0.0)
+        out[stage_kind(name)] += seconds - inferred
+        out["inference"] += inferred
+    out["inference"] += evaluation_seconds
+    return {kind: round(v, 1) for kind, v in out.items()}

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from vesselfast.pipeline.keys import model_order
+from vesselfast.pipeline.keys import model_order, profile
 from vesselfast.pipeline.rundir import RunDir
 
 SUMMARY_KEYS = ("dsc", "dsc_std", "auc", "auc_std", "acc", "acc_std", "ahd", "ahd_std", "n_images")
@@ -31,11 +31,13 @@ def load_metrics(run: RunDir) -> Dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def save_metrics(run: RunDir, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None) -> None:
+def save_metrics(run: RunDir, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None,
+                 evaluation_seconds: Optional[Dict[str, float]] = None) -> None:
     """metrics.json / metrics.csv. ``total_seconds`` is what the run's stages cost from scratch (a stage
     taken with --reuse counts with the time it took where it was computed); ``computed_seconds`` is what
-    was computed in this directory."""
-    stages = run.stages()
+    was computed in this directory; ``evaluation_seconds`` what each model's test evaluation took;
+    ``profile`` the seconds per kind of work (keys.profile: stages and evaluations)."""
+    stages, evaluation_seconds = run.stages(), dict(evaluation_seconds or {})
     keys = sorted(metrics, key=model_order)
     run.write_json("metrics.json", strict_json({
         "target_test": {k: metrics[k] for k in keys},
@@ -44,6 +46,8 @@ def save_metrics(run: RunDir, metrics: Dict[str, Dict], diagnostics: Optional[Di
         "total_seconds": round(sum(s.get("seconds", 0) for s in stages.values()), 1),
         "computed_seconds": round(sum(s.get("seconds", 0) for s in stages.values() if "reused_from" not in s), 1),
         "unet_evals": sum(s.get("unet_evals", 0) for s in stages.values()),
+        "evaluation_seconds": evaluation_seconds,
+        "profile": profile(stages, sum(evaluation_seconds.values())),
     }))
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -229,7 +233,8 @@ def plot_diagnostics(run: RunDir, diagnostics: Dict[str, Dict], title: str = "")
     _png(run, "diagnostics.png", fig)
 
 
-def write_report(run: RunDir, cfg, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None) -> None:
+def write_report(run: RunDir, cfg, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None,
+                 evaluation_seconds: Optional[Dict[str, float]] = None) -> None:
     stages = run.stages()
     lines = [f"# vesselfast run: preset `{cfg.preset}`", "",
              f"Source: {', '.join(cfg.data.source)}; target: {cfg.data.target} (train images, labels unread); "
@@ -254,15 +259,23 @@ def write_report(run: RunDir, cfg, metrics: Dict[str, Dict], diagnostics: Option
         notes = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "unet_evals_per_image"))
         lines.append(f"| {name} | {info.get('seconds', 0):.1f} | {info.get('unet_evals_per_image', '')} | {notes} |")
     total = sum(s.get("seconds", 0) for s in stages.values())
-    lines += ["", f"Total stage time: {total / 60:.1f} min.", "",
+    evaluations = sum((evaluation_seconds or {}).values())
+    lines += ["", f"Total stage time: {total / 60:.1f} min (plus {evaluations / 60:.1f} min evaluating on the test "
+              "split). Per kind of work (segmenter stages' calibration and marked-share passes count as inference, "
+              "as do the evaluations):", "", "| kind of work | minutes | share |", "|---|---|---|"]
+    kinds = profile(stages, evaluations)
+    for kind, seconds in kinds.items():
+        lines.append(f"| {kind} | {seconds / 60:.1f} | {100 * seconds / max(sum(kinds.values()), 1e-9):.0f} % |")
+    lines += ["",
               "Pictures: `metrics.png`, `diagnostics.png`, `pictures/round*.png` (source | latent | synthetic target | mask | "
               "real target | pseudo-label; the last two are another image, not the row's source), "
               "`pictures/test_*.png` (test image | probability | label); each grid has its column titles.", ""]
     run.write_text("report.md", "\n".join(lines))
 
 
-def write_all(run: RunDir, cfg, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None) -> None:
-    save_metrics(run, metrics, diagnostics)
+def write_all(run: RunDir, cfg, metrics: Dict[str, Dict], diagnostics: Optional[Dict[str, Dict]] = None,
+              evaluation_seconds: Optional[Dict[str, float]] = None) -> None:
+    save_metrics(run, metrics, diagnostics, evaluation_seconds)
     plot_metrics(run, metrics, run_title(run, cfg))
     plot_diagnostics(run, diagnostics or {}, run_title(run, cfg))
-    write_report(run, cfg, metrics, diagnostics)
+    write_report(run, cfg, metrics, diagnostics, evaluation_seconds)

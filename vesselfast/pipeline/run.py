@@ -114,7 +114,7 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
         results.evaluate("baseline_selftrain", f)
 
     if writer:
-        report.write_all(ctx.run, cfg, results.metrics, results.diagnostics)
+        report.write_all(ctx.run, cfg, results.metrics, results.diagnostics, results.seconds)
     dist.barrier()
     testhooks.write_state_hashes(dist.rank())
     return results.metrics

@@ -8,6 +8,7 @@ masks [N x 1 x c x c] in {0, 1}.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -189,9 +190,12 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
                                 ckpt_every=ctx.ckpt_every, desc=name)
         info, extra = {"steps": steps}, {}
 
-        def probs_on(target_images, what):
-            return probability_maps(model, target_images, seg.tile, seg.stride, ctx.device, seg.precision,
-                                    f"{what} {name}")
+        def probs_on(target_images, what):  # its time is the stage's inference_seconds (keys.profile)
+            t = time.perf_counter()
+            probs = probability_maps(model, target_images, seg.tile, seg.stride, ctx.device, seg.precision,
+                                     f"{what} {name}")
+            info["inference_seconds"] = round(info.get("inference_seconds", 0.0) + time.perf_counter() - t, 2)
+            return probs
         if calibration is not None:
             prior, note = vessel_prior(seg.vessel_prior, calibration.source_fraction, calibration.estimate,
                                        seg.estimate_cap)
