@@ -15,8 +15,9 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = [
     "vesselfast", "vesselfast.ops", "vesselfast.diffusion", "vesselfast.models",
-    "vesselfast.data", "vesselfast.pipeline", "vesselfast.kernels", "vesselfast.export",
+    "vesselfast.data", "vesselfast.pipeline", "vesselfast.kernels", "vesselfast.export", "vesselfast.shipped",
 ]
+PACKAGE_DATA = {"vesselfast.shipped": ["*.onnx"]}  # the shipped segmenter (docs/MODELS.md)
 PACKAGE_DIR = {"vesselfast.kernels": "kernels", "vesselfast.export": "export"}
 
 
@@ -77,4 +78,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules, cmdclass=cmdclass)

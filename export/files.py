@@ -28,6 +28,7 @@ MAX_RESCALE = 8.0
 OVERLAY_RGB = (255, 32, 32)  # the mask drawn over the scan: red, 60 % opaque
 OVERLAY_ALPHA = 0.6
 SUFFIXES = ("prob", "mask", "overlay")
+SUMMARY_NAME = "segment.csv"  # one row per image: size, pixel size, rescale, quality measures and flag
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Job:
     size: Tuple[int, int]
     pixel_size_um: Optional[float] = None
     scale: float = 1.0
+    quality: Optional[Dict] = None  # after segmenting: export.quality.quality_flags of its probability map
 
 
 def note(message: str, kind: str = "note") -> None:
@@ -262,13 +264,39 @@ def run_jobs(batch_fn, meta: Dict, jobs: List[Job], out: str, tile: int, stride:
 
     from vesselfast.data.io import read_image
 
-    written = []
+    from vesselfast.export.quality import quality_flags
+
+    written, threshold = [], float(meta["threshold"])
     for job in tqdm(jobs, desc="segment", disable=not progress or None):
         raw = read_image(str(job.path))
         prob = probability_map(batch_fn, meta, raw, tile, stride, batch_size, job.scale)
-        written.append(write_outputs(Path(out), job.name, prob, float(meta["threshold"]),
-                                     raw if with_overlay else None)[0])
+        job.quality = quality_flags(prob, threshold, meta.get("quality_reference"))
+        written.append(write_outputs(Path(out), job.name, prob, threshold, raw if with_overlay else None)[0])
     return written
+
+
+def write_summary(jobs: List[Job], out: str) -> Path:
+    """``<out>/segment.csv`` (atomically): per segmented job its input, output name, size, pixel size,
+    rescale factor and quality measures and flag (:mod:`vesselfast.export.quality`)."""
+    import csv
+
+    from vesselfast.export.quality import COLUMNS
+
+    path = Path(out) / SUMMARY_NAME
+    header = ["image", "name", "width_px", "height_px", "pixel_size_um", "rescale"] + list(COLUMNS)
+
+    def cell(v):
+        return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    def write(fh):
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        for job in jobs:
+            q = job.quality or {}
+            w.writerow([cell(v) for v in [str(job.path), job.name, job.size[0], job.size[1], job.pixel_size_um,
+                                          job.scale] + [q.get(c) for c in COLUMNS]])
+    atomic_write(path, write, mode="w")
+    return path
 
 
 def segment_files(batch_fn, meta: Dict, inputs: List[str], out: str, tile: int, stride: int, batch_size: int = 8,

@@ -101,8 +101,17 @@ def test_same_stem_inputs_get_their_own_outputs_and_the_true_count(tiny_run, tmp
     captured = capsys.readouterr()
     assert "; 3 images" in captured.out and "wrote 3 probability maps and masks" in captured.out
     assert "1 input(s) repeat a file" in captured.err and "3 inputs share a file name" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{k}.png" for n in ("a_x_bmp", "a_x_png", "b_x")
-                                                          for k in ("prob", "mask"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}_{k}.png" for n in ("a_x_bmp", "a_x_png", "b_x")
+                                                           for k in ("prob", "mask")] + [F.SUMMARY_NAME])
+    # one row per input in segment.csv, each naming its input and its output name
+    import csv
+    rows = list(csv.DictReader((out / F.SUMMARY_NAME).open()))
+    assert sorted((r["name"], F.Path(r["image"]).name) for r in rows) == [("a_x_bmp", "x.bmp"), ("a_x_png", "x.png"),
+                                                                           ("b_x", "x.png")]
+    assert all(r["width_px"] == "96" and r["height_px"] == "64" and r["rescale"] == "1" for r in rows)
+    # a run directory's checkpoint carries no quality reference: measures written, the flag says n/a
+    assert all(r["quality"] == "n/a" and 0 <= float(r["marked_share"]) <= 1 for r in rows)
+    assert "quality: not checked (the model has no quality reference" in captured.out
 
 
 # -- refusals before any work ----------------------------------------------------------------------------

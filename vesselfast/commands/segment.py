@@ -1,5 +1,7 @@
-"""``vesselfast segment --model seg.onnx|DIR|checkpoint INPUT... --out OUT``: probability and binary PNGs
-(and with ``--overlay`` the scan with its mask drawn in red).
+"""``vesselfast segment [--model seg.onnx|DIR|checkpoint] INPUT... --out OUT``: probability and binary PNGs
+(and with ``--overlay`` the scan with its mask drawn in red), and ``OUT/segment.csv``: per image its size,
+pixel size, rescale factor and quality flag (export/quality.py). Without ``--model``: the shipped model
+(vesselfast/shipped, docs/MODELS.md).
 
 The model's metadata decides preprocessing, tile, stride and threshold; ``--backend auto`` runs ONNX
 files with ONNX Runtime, engines with TensorRT and checkpoints with torch. Every check (options, output
@@ -12,8 +14,10 @@ def add_arguments(p):
     from vesselfast.export.files import MAX_PIXELS
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("--model", required=True,
-                   help="an exported .onnx, a TensorRT engine, a run directory (its final segmenter) or a checkpoint")
+    p.add_argument("--model",
+                   help="an exported .onnx, a TensorRT engine, a run directory (its final segmenter) or a checkpoint "
+                        "(default: the shipped model, trained without OCTA labels for 3 x 3 mm / 304 px scans; "
+                        "docs/MODELS.md)")
     p.add_argument("--out", required=True, help="output folder (created when missing)")
     p.add_argument("--backend", default="auto", choices=["auto", "ort", "torch", "tensorrt"],
                    help="runtime (default: by model type; a checkpoint with ort/tensorrt is exported in memory)")
@@ -64,25 +68,33 @@ def run(args) -> int:
 
     from vesselfast.export.api import Segmenter, model_kind, torch_device
     from vesselfast.hardware import option_precision
-    from vesselfast.export.files import plan_files, set_scales
+    from vesselfast.export.files import plan_files, set_scales, write_summary
+    from vesselfast.export.quality import quality_summary
     from vesselfast.commands.measure import CSV_NAME, measure_files
 
     check_options(args)
+    model, named = args.model, args.model
+    if model is None:
+        from vesselfast import shipped
+        model, named = str(shipped.model_path()), f"{shipped.NAME} (shipped; docs/MODELS.md)"
     # bad inputs and an unwritable --out fail before a model is loaded or exported
     jobs = plan_files(args.inputs, args.out, args.pixel_size, args.fov_mm, args.max_pixels)
     precision = args.precision
-    if args.backend == "torch" or (args.backend == "auto" and model_kind(Path(args.model)) == "checkpoint"):
+    if args.backend == "torch" or (args.backend == "auto" and model_kind(Path(model)) == "checkpoint"):
         precision, warning = option_precision(args.precision, torch_device(args.device))
         if warning:
             print(f"vesselfast: warning: {warning}", file=sys.stderr)
-    seg = Segmenter.load(args.model, args.backend, args.device, precision=precision)
+    seg = Segmenter.load(model, args.backend, args.device, precision=precision)
     tile, stride = seg.window(args.tile, args.stride)
     scaling = set_scales(jobs, seg.pixel_size_um, args.max_pixels)
     count = f"{len(jobs)} image{'s' if len(jobs) != 1 else ''}"
-    print(f"vesselfast segment: {seg.describe(tile, stride)}; {count}" + (f"; {scaling}" if scaling else ""), flush=True)
+    print(f"vesselfast segment: model {named}, {seg.describe(tile, stride)}; {count}"
+          + (f"; {scaling}" if scaling else ""), flush=True)
     written = seg.run_jobs(jobs, args.out, tile, stride, args.batch, args.overlay)
+    summary = write_summary(jobs, args.out)
     kinds = "probability maps, masks and overlays" if args.overlay else "probability maps and masks"
-    print(f"wrote {len(written)} {kinds} to {args.out}")
+    print(f"wrote {len(written)} {kinds} to {args.out}, one row per image to {summary}")
+    print(quality_summary([job.name for job in jobs], [job.quality for job in jobs]))
     if args.measure:  # the masks as written: <name>_mask.png beside each <name>_prob.png, at the image's size
         masks = [p.with_name(p.name[:-len("_prob.png")] + "_mask.png") for p in written]
         measure_files(masks, Path(args.out) / CSV_NAME, [job.pixel_size_um for job in jobs])

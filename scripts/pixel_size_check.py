@@ -1,0 +1,66 @@
+"""What the model's pixel size means on scans of another field of view, measured without new data.
+
+OCTA-500 3M test images and labels (3 mm / 304 px, 9.87 um/px) are resized by 304 / 456: what a 4.5 mm scan
+of 304 px (14.8 um/px) shows, vessels 1.5x thinner in pixels. The model segments them as they are and with
+``pixel_size_um`` given (each image resized to the model's pixel size, the map back), and DSC / AUC are
+measured against the resized labels; the original test images give the reference row.
+
+    python scripts/pixel_size_check.py [--model seg.onnx] [--data ../shared/data/octa/OCTA-500_3M]
+"""
+import argparse
+import time
+
+import cv2
+import numpy as np
+
+from vesselfast.data import load_domain
+from vesselfast.data.calibre import mean_width
+from vesselfast.data.io import read_image
+from vesselfast.export import Segmenter
+from vesselfast.metrics import evaluate_images
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="an exported .onnx (default: the shipped model)")
+    p.add_argument("--data", default="../shared/data/octa/OCTA-500_3M")
+    p.add_argument("--fov-mm", type=float, default=4.5, help="the simulated field of view (default 4.5 mm)")
+    args = p.parse_args()
+    if args.model is None:
+        from vesselfast import shipped
+        args.model = str(shipped.model_path())
+    seg = Segmenter.load(args.model)
+    test = load_domain([args.data], "target", "test", True)
+    raws = [read_image(s.source_path) for s in test]
+    native = seg.pixel_size_um
+    factor = 3.0 / args.fov_mm  # the same 304 px now span fov_mm: the content shrinks by this factor
+    rows = []
+
+    def score(name, images, masks, px):
+        t = time.perf_counter()
+        probs = [seg.predict(im, pixel_size_um=px) for im in images]
+        res = evaluate_images(probs, masks, [np.ones(m.shape, bool) for m in masks], seg.threshold)
+        sec = time.perf_counter() - t
+        width = float(np.nanmean([mean_width(q >= seg.threshold) for q in probs]))
+        rows.append((name, res["dsc"], res["auc"], float(np.mean([(q >= seg.threshold).mean() for q in probs])),
+                     float(np.mean([m.mean() for m in masks])), width, float(np.nanmean([mean_width(m) for m in masks])),
+                     sec))
+
+    score(f"original 3 mm scans, {native:.2f} um/px", raws, [s.mask for s in test], None)
+    small = [cv2.resize(r, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA) for r in raws]
+    labels = [(cv2.resize(s.mask.astype(np.float32), None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+               >= 0.5).astype(np.uint8) for s in test]
+    px = native / factor
+    score(f"resized to {small[0].shape[1]} px ({px:.2f} um/px), no --pixel-size", small, labels, None)
+    score(f"resized to {small[0].shape[1]} px, --pixel-size {px:.2f}", small, labels, px)
+    print(f"model {args.model}; {len(test)} OCTA-500 3M test images, and resized x{factor:.4f} to the pixel size "
+          f"of a {args.fov_mm:g} mm / 304 px scan")
+    print("| images | DSC | AUC | marked share | label share | marked width px | label width px | seconds |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name, dsc, auc, marked, share, width, label_width, sec in rows:
+        print(f"| {name} | {dsc:.4f} | {auc:.4f} | {marked:.4f} | {share:.4f} | {width:.2f} | {label_width:.2f} | "
+              f"{sec:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
