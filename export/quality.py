@@ -19,6 +19,11 @@ The measures of a probability map ``p`` (float [H, W] in [0, 1]) at the model's 
   photograph (dark corners outside its circular field of view, wide gaps between its few large vessels),
   a blank or cropped scan or a large artefact leaves large regions unmarked.
 
+* ``vessel_width_px``: mean width in pixels of what the mask marks (area / skeleton length,
+  vesselfast.data.calibre). Not part of the flag: it follows the scan's pixel size (on OCTA-500 3M test
+  scans resized x0.67 the median fell from 2.23 to 1.74 px), so :func:`pixel_size_warning` compares a
+  folder's median with the training images' band when no pixel size was given.
+
 "Far" (docs/MODEL_CARD.md says why): for each measure, beyond the reference's 5 %-95 % band by more
 than the band's own width, with a floor on that margin so a reference from very uniform images does not
 flag ordinary variation: half the median for the marked share and for the doubt (1 - confidence), 0.02
@@ -32,9 +37,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-MEASURES = ("marked_share", "mean_confidence", "vessel_free")
+MEASURES = ("marked_share", "mean_confidence", "vessel_free")  # the flagged ones
+WIDTH = "vessel_width_px"  # measured and referenced, not flagged (pixel_size_warning)
 # The CSV columns a caller writes per image (segment's summary / CSV).
-COLUMNS = MEASURES + ("quality", "quality_reason")
+COLUMNS = MEASURES + (WIDTH, "quality", "quality_reason")
 VESSEL_FREE_RADIUS = 0.1  # of the image's short side
 # Margin floors: relative to the median (marked share, doubt) or absolute (vessel-free share).
 FLOOR = {"marked_share": 0.5, "mean_confidence": 0.5, "vessel_free": 0.02}
@@ -59,8 +65,10 @@ def measures(prob: np.ndarray, threshold: float) -> Dict[str, float]:
         free = float((dist > VESSEL_FREE_RADIUS * min(p.shape)).mean())
     else:
         free = 1.0
+    from vesselfast.data.calibre import mean_width
+
     return {"marked_share": float(marked.mean()), "mean_confidence": float(np.maximum(p, 1 - p).mean()),
-            "vessel_free": free}
+            "vessel_free": free, WIDTH: mean_width(marked)}
 
 
 def reference_of(per_image: Sequence[Dict[str, float]], threshold: float, described: str) -> Dict:
@@ -70,10 +78,33 @@ def reference_of(per_image: Sequence[Dict[str, float]], threshold: float, descri
         raise ValueError("a quality reference needs at least one image")
     ref: Dict = {"n_images": len(per_image), "threshold": float(threshold), "images": described,
                  "vessel_free_radius": VESSEL_FREE_RADIUS}
-    for m in MEASURES:
+    for m in MEASURES + ((WIDTH,) if all(WIDTH in d for d in per_image) else ()):
         values = np.array([d[m] for d in per_image], dtype=np.float64)
-        ref[m] = {f"p{q}": round(float(np.percentile(values, q)), 6) for q in PERCENTILES}
+        values = values[~np.isnan(values)]  # an image with nothing marked has no width
+        if values.size:
+            ref[m] = {f"p{q}": round(float(np.percentile(values, q)), 6) for q in PERCENTILES}
     return ref
+
+
+def pixel_size_warning(widths: Iterable[float], reference: Optional[Dict], model_pixel_size_um: Optional[float]):
+    """One warning line when the median width of the vessels marked in a set of images (px, NaN ignored)
+    lies outside the 5-95 % band of the model's training target images, else None (also without a
+    reference width). Vessels marked thinner than the model saw suggest a coarser pixel size (a wider field
+    of view at the same image size), wider ones a finer one; given to ``segment`` only when no
+    --pixel-size / --fov-mm was."""
+    band = (reference or {}).get(WIDTH)
+    values = np.array([w for w in widths if w is not None], dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not band or values.size == 0:
+        return None
+    median = float(np.median(values))
+    if band["p5"] <= median <= band["p95"]:
+        return None
+    way = "thinner" if median < band["p5"] else "wider"
+    px = f" ({model_pixel_size_um:.2f} um/px)" if model_pixel_size_um else ""
+    return (f"the vessels marked are {median:.2f} px wide (median of {values.size} images), {way} than on the "
+            f"model's training scans{px}: {band['p5']:.2f}-{band['p95']:.2f} px; if these scans have another pixel "
+            f"size, give --pixel-size UM or --fov-mm MM to rescale them (docs/MODELS.md)")
 
 
 def limits(reference: Dict, measure: str) -> tuple:

@@ -108,3 +108,24 @@ def test_without_reference_and_summary():
     assert quality_summary(["a", "b", "c"], [ok, check, check]) == "quality: 1 ok, 2 to check by eye (b, c)"
     assert quality_summary(["a"], [ok]) == "quality: all 1 ok"
     assert quality_summary(list("abcde"), [check] * 5, show=2) == ("quality: 0 ok, 5 to check by eye (a, b and 3 more)")
+
+
+def test_pixel_size_warning_follows_the_marked_vessel_width(maps, reference):
+    """The same vessel maps shrunk x0.5 (a coarser pixel size) have thinner marked vessels: one warning
+    naming the way; the maps at their own size, or a model without a width reference: none."""
+    from vesselfast.export.quality import WIDTH, pixel_size_warning
+
+    stripe = np.zeros((600, 60), np.float32)
+    stripe[:, 20:26] = 1.0  # a straight vessel 6 px wide: area / skeleton length = 6 (ends shorten it ~1 %)
+    assert measures(stripe, THRESHOLD)[WIDTH] == pytest.approx(6, rel=0.05)
+    assert np.isnan(measures(np.zeros((20, 20)), THRESHOLD)[WIDTH])
+    assert reference[WIDTH]["p5"] <= reference[WIDTH]["p50"] <= reference[WIDTH]["p95"]
+    same = [measures(p, THRESHOLD)[WIDTH] for p in maps]
+    assert pixel_size_warning(same, reference, 9.87) is None
+    wide = [measures(cv2.resize(p, None, fx=2, fy=2), THRESHOLD)[WIDTH] for p in maps[:6]]
+    thin = [measures(cv2.resize(p, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), THRESHOLD)[WIDTH]
+            for p in maps[:6]]
+    assert "thinner than on the model's training scans (9.87 um/px)" in pixel_size_warning(thin, reference, 9.87)
+    assert "wider" in pixel_size_warning(wide + [float("nan")], reference, None)
+    no_width = {k: v for k, v in reference.items() if k != WIDTH}
+    assert pixel_size_warning(thin, no_width, 9.87) is None and pixel_size_warning([], reference, 9.87) is None

@@ -69,7 +69,7 @@ def run(args) -> int:
     from vesselfast.export.api import Segmenter, model_kind, torch_device
     from vesselfast.hardware import option_precision
     from vesselfast.export.files import plan_files, set_scales, write_summary
-    from vesselfast.export.quality import quality_summary
+    from vesselfast.export.quality import WIDTH, pixel_size_warning, quality_summary
     from vesselfast.commands.measure import CSV_NAME, measure_files
 
     check_options(args)
@@ -95,6 +95,11 @@ def run(args) -> int:
     kinds = "probability maps, masks and overlays" if args.overlay else "probability maps and masks"
     print(f"wrote {len(written)} {kinds} to {args.out}, one row per image to {summary}")
     print(quality_summary([job.name for job in jobs], [job.quality for job in jobs]))
+    if args.pixel_size is None and args.fov_mm is None:
+        warning = pixel_size_warning([job.quality[WIDTH] for job in jobs], seg.meta.get("quality_reference"),
+                                     seg.pixel_size_um)
+        if warning:
+            print(f"vesselfast: warning: {warning}", file=sys.stderr)
     if args.measure:  # the masks as written: <name>_mask.png beside each <name>_prob.png, at the image's size
         masks = [p.with_name(p.name[:-len("_prob.png")] + "_mask.png") for p in written]
         measure_files(masks, Path(args.out) / CSV_NAME, [job.pixel_size_um for job in jobs])
