@@ -41,6 +41,7 @@ class Job:
     pixel_size_um: Optional[float] = None
     scale: float = 1.0
     quality: Optional[Dict] = None  # after segmenting: export.quality.quality_flags of its probability map
+    #                                 at the model's pixel size (where the reference was measured)
 
 
 def note(message: str, kind: str = "note") -> None:
@@ -206,10 +207,11 @@ def rescaled_size(size: Tuple[int, int], scale: float) -> Tuple[int, int]:
 
 
 def probability_map(batch_fn, meta: Dict, raw: np.ndarray, tile: int, stride: int, batch_size: int = 8,
-                    scale: float = 1.0) -> np.ndarray:
+                    scale: float = 1.0, model_scale: bool = False):
     """Raw image -> vessel probability [H, W] at the image's own size: resized by ``scale`` first (INTER_AREA
     down, INTER_LINEAR up; skipped when the size would not change), preprocessed as the model's metadata
-    says, sliding windows of ``tile`` with ``stride``, then back to the image's size (linear)."""
+    says, sliding windows of ``tile`` with ``stride``, then back to the image's size (linear).
+    ``model_scale``: return (that map, the map at the model's pixel size before resizing back)."""
     import cv2
 
     from vesselfast.data import apply_spec
@@ -220,10 +222,10 @@ def probability_map(batch_fn, meta: Dict, raw: np.ndarray, tile: int, stride: in
     if (nw, nh) != (w, h):
         raw = cv2.resize(raw, (nw, nh), interpolation=cv2.INTER_AREA if nw < w else cv2.INTER_LINEAR)
     image, _ = apply_spec(meta["preprocessing"], raw)
-    prob = sliding_window_probs(batch_fn, image, tile, stride, batch_size)
+    at_model = prob = sliding_window_probs(batch_fn, image, tile, stride, batch_size)
     if prob.shape != (h, w):  # rescaled, or a model whose preprocessing scales
         prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    return prob
+    return (prob, at_model) if model_scale else prob
 
 
 def overlay(scan: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -269,8 +271,9 @@ def run_jobs(batch_fn, meta: Dict, jobs: List[Job], out: str, tile: int, stride:
     written, threshold = [], float(meta["threshold"])
     for job in tqdm(jobs, desc="segment", disable=not progress or None):
         raw = read_image(str(job.path))
-        prob = probability_map(batch_fn, meta, raw, tile, stride, batch_size, job.scale)
-        job.quality = quality_flags(prob, threshold, meta.get("quality_reference"))
+        prob, at_model = probability_map(batch_fn, meta, raw, tile, stride, batch_size, job.scale, model_scale=True)
+        # measured where the reference was: at the model's pixel size
+        job.quality = quality_flags(at_model, threshold, meta.get("quality_reference"))
         written.append(write_outputs(Path(out), job.name, prob, threshold, raw if with_overlay else None)[0])
     return written
 
