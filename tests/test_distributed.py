@@ -26,7 +26,7 @@ from vesselfast.testhooks import state_hash
 TIMEOUT = 300
 TRAINED_OR_COMPUTED = ("survey", "pretrain_source", "pretrain_target", "invert", "synthesize_0", "segmenter_0", "baseline",
                        "baseline_histmatch", "pseudo_label_1", "target_generator_1", "synthesize_1", "segmenter_1",
-                       "selftrain_pseudo_label_1", "baseline_selftrain")
+                       "selftrain_pseudo_label_1", "baseline_selftrain", "vessel_fraction")
 
 
 def free_port() -> int:

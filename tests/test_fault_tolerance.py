@@ -131,7 +131,7 @@ def test_disk_full_in_a_stage_then_resume(tiny_run, tmp_path, monkeypatch):
                               "is full: free space, then re-run the same command to resume")
     assert not stray_files(out) and not (out / "ckpt" / "invert.pt").exists()
     # the stages before the inversion: survey, baselines, both generators
-    assert set(RunDir(out).stages()) == {"survey", "baseline_histmatch", "baseline", "pretrain_source",
+    assert set(RunDir(out).stages()) == {"survey", "baseline_histmatch", "vessel_fraction", "baseline", "pretrain_source",
                                          "pretrain_target"}
     load_checkpoint(out / "ckpt" / "pretrain_target.pt", kind="pretrain_target")
     run_pipeline(cfg, str(out))

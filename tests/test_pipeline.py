@@ -2,6 +2,7 @@
 with identical final metrics, and the config / run-directory errors."""
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -221,22 +222,31 @@ def _target_and_source(cfg):
     return inputs.target_images, data.source_vessel_fraction()
 
 
-@pytest.mark.parametrize("prior", ["estimate", "source"])
+@pytest.mark.parametrize("prior", ["estimate", "mean_probability", "source"])
 def test_calibration_matches_the_vessel_prior(tiny_run, tmp_path, prior):
     """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the configured prior
-    (no target label involved): the share baseline_histmatch marks on the target training images
-    (capped at the source's), or the source masks' vessel fraction inside the FOV."""
+    (no target label involved): what baseline_histmatch estimates on the target training images (the
+    share it marks, or its mean probability; capped at the source's), or the source masks' vessel
+    fraction inside the FOV. The anchor's figures are checked against its probabilities computed here."""
     from vesselfast.pipeline.calibration import marked_share
     from vesselfast.pipeline.stages import Context, segmenter_probs
 
     run = tiny_run
     if prior != "estimate":  # the stages before F^0 are reused from the session's run
         run = tmp_path / prior
+        sets = ["segmenter.estimator=mean_probability"] if prior == "mean_probability" else \
+            [f"segmenter.vessel_prior={prior}"]
         assert main(["train", "--preset", "tiny", "--out", str(run), "--reuse", str(tiny_run),
-                     "--set", f"segmenter.vessel_prior={prior}"]) == 0
+                     "--set", sets[0]]) == 0
     stages = json.loads((run / "stages.json").read_text())
     targets, source = _target_and_source(resolve("tiny"))
-    share = stages["baseline_histmatch"]["marked_share"]
+    figures = json.loads((tiny_run / "stages.json").read_text())["vessel_fraction"]
+    ctx = Context(None, RunDir(run, writer=False), 0, "cpu", 1)
+    anchor = segmenter_probs(ctx, RunDir(tiny_run, writer=False).load("baseline_histmatch"), targets, "fp32", "a")
+    pooled = np.concatenate([p.ravel() for p in anchor]).astype(np.float64)
+    assert figures["marked_share"] == pytest.approx(float((pooled >= 0.5).mean()), abs=0.002)  # bf16 in the run
+    assert figures["mean_probability"] == pytest.approx(float(pooled.mean()), abs=0.002)
+    share = figures["mean_probability" if prior == "mean_probability" else "marked_share"]
     want = source if prior == "source" or share > source else share
     assert 0 < want < 0.5
     ctx = Context(None, RunDir(run, writer=False), 0, "cpu", 1)
@@ -418,7 +428,7 @@ def test_baselines_false_means_no_baselines(tiny_run, tmp_path):
     assert main(["train", "--preset", "tiny", "--out", str(out), "--reuse", str(tiny_run),
                  "--set", "baselines=false"]) == 0
     stages = json.loads((out / "stages.json").read_text())
-    assert "baseline_histmatch" in stages and "baseline" not in stages
+    assert "baseline_histmatch" in stages and "vessel_fraction" in stages and "baseline" not in stages
     assert set(json.loads((out / "metrics.json").read_text())["target_test"]) == {"iter0", "iter1"}
 
 
@@ -450,7 +460,7 @@ def test_selftrain_control_is_the_rounds_on_pseudo_labelled_target_crops(tiny_ru
     run = RunDir(tiny_run, writer=False)
     stages = run.stages()
     assert stages["selftrain_pseudo_label_1"]["marked_share"] == pytest.approx(
-        stages["baseline_histmatch"]["marked_share"], abs=1e-5)  # both rounded to 5 digits
+        stages["vessel_fraction"]["marked_share"], abs=1e-5)  # both rounded to 5 digits
     assert stages["baseline_selftrain"]["steps"] == resolve("tiny").segmenter.steps_round
     pseudo = run.load("selftrain_pseudo_label_1")
     # the crops are real target images: each one occurs in a target training image

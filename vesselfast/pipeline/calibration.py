@@ -23,14 +23,25 @@ def marked_share(probs: Sequence[np.ndarray], threshold: float) -> float:
     return marked / max(1, sum(int(p.size) for p in probs))
 
 
+def mean_probability(probs: Sequence[np.ndarray]) -> float:
+    """Mean vessel probability over all pixels of ``probs`` (each [H x W], pooled): the expected share of
+    vessel pixels if the probabilities were calibrated (``segmenter.estimator: mean_probability``)."""
+    total = sum(float(np.sum(p, dtype=np.float64)) for p in probs)
+    return total / max(1, sum(int(p.size) for p in probs))
+
+
+ESTIMATORS = ("marked_share", "mean_probability")  # the anchor's figure that vessel_prior=estimate uses
+
+
 def vessel_prior(mode: str, source_fraction: float, estimate: Optional[float],
                  cap: bool) -> Tuple[Optional[float], str]:
     """(The vessel fraction to calibrate to, or None for no calibration; a note when the cap applied).
 
-    :param mode: ``estimate`` (the share baseline_histmatch marks on the target training images),
-        ``source`` (the source masks' vessel fraction inside the FOV), ``none``, or a fraction as text.
+    :param mode: ``estimate`` (from baseline_histmatch on the target training images: the share it marks
+        or its mean probability, ``segmenter.estimator``), ``source`` (the source masks' vessel fraction
+        inside the FOV), ``none``, or a fraction as text.
     :param source_fraction: the source masks' vessel fraction.
-    :param estimate: baseline_histmatch's marked share (needed for ``estimate``).
+    :param estimate: baseline_histmatch's figure (needed for ``estimate``).
     :param cap: ``estimate`` is at most ``source_fraction``. Why: a segmenter trained on one domain errs
         on the other mostly by marking vessel-like structure the target's annotators leave out (OCTA's
         capillary mesh), so its share over-estimates far more than it under-estimates. On built-in data
@@ -43,9 +54,9 @@ def vessel_prior(mode: str, source_fraction: float, estimate: Optional[float],
     if mode != "estimate":
         return float(mode), ""
     if estimate is None:
-        raise ValueError("vessel_prior=estimate needs baseline_histmatch's marked share")
+        raise ValueError("vessel_prior=estimate needs baseline_histmatch's estimate (the vessel_fraction stage)")
     if cap and estimate > source_fraction:
-        return source_fraction, (f"baseline_histmatch marks {100 * estimate:.2f}% of the target, more than the "
+        return source_fraction, (f"baseline_histmatch estimates {100 * estimate:.2f}% of the target, more than the "
                                  f"source masks' {100 * source_fraction:.2f}%: capped there (segmenter.estimate_cap)")
     return float(estimate), ""
 

@@ -20,7 +20,7 @@ from vesselfast.pipeline.evaluation import Evaluation
 from vesselfast.pipeline.inputs import DATA_KEYS, Inputs, build_data
 from vesselfast.pipeline.rundir import LOG
 from vesselfast.pipeline.stages import (Calibration, Context, generator_stage, invert_stage, pseudo_label_stage,
-                                        segmenter_stage, synthesize_stage)
+                                        segmenter_stage, synthesize_stage, vessel_fraction_stage)
 from vesselfast.pipeline.survey import survey_stage
 
 
@@ -40,14 +40,15 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
     results = Evaluation(ctx, inputs.target_test, cfg.segmenter.precision, data.tgt_images)
 
     # 1. Baselines (the same segmenter budget as F^0): on raw and on histogram-matched source crops. The
-    #    latter, the anchor, also measures the share of target pixels it marks: the label-free estimate
-    #    of the vessel fraction that F^k is calibrated to.
+    #    latter, the anchor, gives the label-free estimate of the target's vessel fraction that F^k is
+    #    calibrated to (the share it marks or its mean probability on the target training images).
     matched = histmatch_crops(data.src_images, inputs.target_images, ctx.stream("histmatch"))
     estimate = None
     if cfg.baselines or cfg.segmenter.vessel_prior == "estimate":
-        anchor = segmenter_stage(ctx, "baseline_histmatch", matched, data.src_masks, "steps_iter0", ("data",),
-                                 measure_on=inputs.target_images)
-        estimate = float(anchor["marked_share"])
+        anchor = segmenter_stage(ctx, "baseline_histmatch", matched, data.src_masks, "steps_iter0", ("data",))
+        if cfg.segmenter.vessel_prior == "estimate":
+            figures = vessel_fraction_stage(ctx, anchor, inputs.target_images)
+            estimate = float(figures[cfg.segmenter.estimator])
         if cfg.baselines:
             results.evaluate("baseline_histmatch", anchor)
         else:

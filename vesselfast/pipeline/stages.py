@@ -24,7 +24,7 @@ from vesselfast.models import arch_dict, generator_from_dict
 from vesselfast.models.generator import ARCH_FIELDS
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.cache import ConfigSlice, StageCache
-from vesselfast.pipeline.calibration import logit_shift, marked_share, vessel_prior
+from vesselfast.pipeline.calibration import logit_shift, marked_share, mean_probability, vessel_prior
 from vesselfast.pipeline.generative import EpsModel, build_generator, invert, synthesize, train_generator
 from vesselfast.pipeline.rundir import LOG, RunDir
 from vesselfast.pipeline.seeds import stream_seed
@@ -39,6 +39,7 @@ INVERSION_KEYS = SCHEDULE_KEYS + ("diffusion.ddim_steps", "diffusion.t0_ratio", 
 SEGMENTER_KEYS = ("segmenter.channels", "segmenter.lr", "segmenter.batch_size", "segmenter.precision",
                   "segmenter.tile", "segmenter.stride", "segmenter.threshold", "data.clahe")
 CALIBRATION_KEYS = ("segmenter.vessel_prior", "segmenter.estimate_cap")
+ESTIMATE_KEYS = ("segmenter.estimator",)  # with vessel_prior=estimate
 PSEUDO_LABEL_KEYS = ("segmenter.precision", "data.pool", "data.crop")
 # a sampler's fields (its identity, diffusion/samplers.py) and the config keys each comes from
 SAMPLER_SETTING_KEYS = {"clip": ("diffusion.clip",), "ddim_steps": ("diffusion.ddim_steps",),
@@ -64,7 +65,7 @@ class Calibration:
     """What the label-free calibration of a segmenter stage needs (calibration.py)."""
     target_images: List[np.ndarray]   # the target training images [H x W], no labels
     source_fraction: float            # the source masks' vessel fraction inside the FOV
-    estimate: Optional[float]         # the share baseline_histmatch marks (vessel_prior=estimate)
+    estimate: Optional[float]         # baseline_histmatch's vessel-fraction figure (vessel_prior=estimate)
 
 
 def schedule_of(view: ConfigSlice) -> NoiseSchedule:
@@ -164,20 +165,19 @@ def synthesize_stage(ctx: Context, name: str, g_t: Dict, sampler_key: str, laten
 # -- segmenters ---------------------------------------------------------------------------------------
 def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.Tensor, steps_key: str,
                     inputs: Sequence[str], init: Optional[Dict] = None, calibration: Optional[Calibration] = None,
-                    measure_on: Optional[List[np.ndarray]] = None,
                     source_mix: Optional[tuple] = None, extra_keys: Sequence[str] = ()) -> Dict:
     """Trains a segmenter on ``images`` / ``masks`` for ``segmenter.<steps_key>`` steps, fine-tuned from
     ``init`` when given. ``source_mix``: (histogram-matched source crops, their masks) mixed into the
     training set as ``segmenter.source_mix`` of it (:func:`training_set`). ``calibration``: shift the
-    output logits to the vessel prior afterwards. ``measure_on`` (target images [H x W]): keep the share
-    it marks there (``marked_share``, calibration.py)."""
+    output logits to the vessel prior afterwards (calibration.py)."""
     keys = SEGMENTER_KEYS + (f"segmenter.{steps_key}",) + tuple(extra_keys)
     if source_mix is not None:
         keys += ("segmenter.source_mix",)
     if calibration is not None:
         keys += CALIBRATION_KEYS
-        if ctx.cache.choice("segmenter.vessel_prior") == "estimate" and "baseline_histmatch" not in inputs:
-            inputs = tuple(inputs) + ("baseline_histmatch",)
+        if ctx.cache.choice("segmenter.vessel_prior") == "estimate":
+            keys += ESTIMATE_KEYS
+            inputs = tuple(inputs) + ("vessel_fraction",)
 
     def compute(view):
         seg = view.segmenter
@@ -207,14 +207,23 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
                          f"{shift:+.3f}" + (f" ({note})" if note else ""))
                 info.update(calibration_prior=round(prior, 5), marked_share_before=round(before, 5),
                             logit_shift=round(shift, 4))
-        if measure_on is not None:
-            extra["marked_share"] = marked_share(probs_on(measure_on, "target share"), seg.threshold)
-            info["marked_share"] = round(extra["marked_share"], 5)
-            LOG.info(f"{name}: marks {100 * extra['marked_share']:.2f}% of the target training pixels")
         meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": seg.tile,
                 "stride": seg.stride, "threshold": seg.threshold}
         return {"channels": list(seg.channels), "model": model.state_dict(), **meta, **extra, "_info": info}
     return ctx.cache.stage(name, keys, inputs, compute)
+
+
+def vessel_fraction_stage(ctx: Context, anchor: Dict, target_images: List[np.ndarray]) -> Dict:
+    """The label-free vessel-fraction figures of the anchor (baseline_histmatch, ``anchor``) on the target
+    training images [H x W]: ``marked_share`` (pooled share at its threshold) and ``mean_probability``
+    (pooled mean); ``vessel_prior=estimate`` calibrates to the one ``segmenter.estimator`` names."""
+    def compute(view):
+        probs = segmenter_probs(ctx, anchor, target_images, view.segmenter.precision, "vessel fraction")
+        figures = {"marked_share": marked_share(probs, anchor["threshold"]), "mean_probability": mean_probability(probs)}
+        LOG.info(f"baseline_histmatch on the target training images: marks {100 * figures['marked_share']:.2f}%, "
+                 f"mean probability {100 * figures['mean_probability']:.2f}%")
+        return {**figures, "_info": {k: round(v, 5) for k, v in figures.items()}}
+    return ctx.cache.stage("vessel_fraction", ("segmenter.precision",), ("data", "baseline_histmatch"), compute)
 
 
 def pseudo_label_stage(ctx: Context, name: str, labeller: Dict, labeller_name: str,
