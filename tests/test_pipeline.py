@@ -172,7 +172,8 @@ def test_segment_command_writes_pngs(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", "--model", str(tiny_run), str(tmp_path / "in" / "*" / "scan.png"), "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["eye0_scan_mask.png", "eye0_scan_prob.png", "eye1_scan_mask.png", "eye1_scan_prob.png"]
+    assert names == ["eye0_scan_mask.png", "eye0_scan_prob.png", "eye1_scan_mask.png", "eye1_scan_prob.png",
+                     "segment.csv"]
     prob = cv2.imread(str(out / "eye0_scan_prob.png"), cv2.IMREAD_UNCHANGED)
     mask = cv2.imread(str(out / "eye0_scan_mask.png"), cv2.IMREAD_UNCHANGED)
     assert prob.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}
@@ -222,22 +223,20 @@ def _target_and_source(cfg):
     return inputs.target_images, data.source_vessel_fraction()
 
 
-@pytest.mark.parametrize("prior", ["estimate", "mean_probability", "source"])
+@pytest.mark.parametrize("prior", ["estimate", "source"])
 def test_calibration_matches_the_vessel_prior(tiny_run, tmp_path, prior):
     """F^k is shifted so that the share of target-training pixels at >= 0.5 equals the configured prior
-    (no target label involved): what baseline_histmatch estimates on the target training images (the
-    share it marks, or its mean probability; capped at the source's), or the source masks' vessel
-    fraction inside the FOV. The anchor's figures are checked against its probabilities computed here."""
+    (no target label involved): baseline_histmatch's mean probability on the target training images
+    (capped at the source's), or the source masks' vessel fraction inside the FOV. The anchor's figures
+    are checked against its probabilities computed here."""
     from vesselfast.pipeline.calibration import marked_share
     from vesselfast.pipeline.stages import Context, segmenter_probs
 
     run = tiny_run
     if prior != "estimate":  # the stages before F^0 are reused from the session's run
         run = tmp_path / prior
-        sets = ["segmenter.estimator=mean_probability"] if prior == "mean_probability" else \
-            [f"segmenter.vessel_prior={prior}"]
         assert main(["train", "--preset", "tiny", "--out", str(run), "--reuse", str(tiny_run),
-                     "--set", sets[0]]) == 0
+                     "--set", f"segmenter.vessel_prior={prior}"]) == 0
     stages = json.loads((run / "stages.json").read_text())
     targets, source = _target_and_source(resolve("tiny"))
     figures = json.loads((tiny_run / "stages.json").read_text())["vessel_fraction"]
@@ -246,7 +245,7 @@ def test_calibration_matches_the_vessel_prior(tiny_run, tmp_path, prior):
     pooled = np.concatenate([p.ravel() for p in anchor]).astype(np.float64)
     assert figures["marked_share"] == pytest.approx(float((pooled >= 0.5).mean()), abs=0.002)  # bf16 in the run
     assert figures["mean_probability"] == pytest.approx(float(pooled.mean()), abs=0.002)
-    share = figures["mean_probability" if prior == "mean_probability" else "marked_share"]
+    share = figures["mean_probability"]
     want = source if prior == "source" or share > source else share
     assert 0 < want < 0.5
     ctx = Context(None, RunDir(run, writer=False), 0, "cpu", 1)

@@ -21,7 +21,6 @@ from vesselfast.diffusion.schedule import SCHEDULES
 from vesselfast.errors import UserError
 from vesselfast.hardware import PRECISIONS
 from vesselfast.models.generator import GeneratorArch, GeneratorUNet
-from vesselfast.pipeline.calibration import ESTIMATORS
 from vesselfast.schema import check, coerce, field_types, option
 
 # Keys that were renamed or removed: a config (file, --set, an older run's config.yaml) that still uses
@@ -37,6 +36,9 @@ RETIRED_KEYS = {
     "segmenter.match_synthetic": "was removed (never measured)",
     "segmenter.first_labels": "was removed (never measured): round 1 is labelled by F^0, as in the paper",
     "data.crops_inside_fov": "was removed (never measured)",
+    "segmenter.estimator": "was removed: vessel_prior=estimate calibrates to baseline_histmatch's mean "
+                           "probability on the target training images; its marked share lost the ablation "
+                           "(docs/PIPELINE.md, e08)",
 }
 
 
@@ -121,9 +123,6 @@ class SegmenterConfig:
     # fraction inside the FOV; "none": no calibration; or a number in (0, 1) (pipeline/calibration.py).
     vessel_prior: str = "estimate"
     estimate_cap: bool = True      # "estimate" is at most the source masks' vessel fraction
-    # What "estimate" takes from baseline_histmatch on the target training images: "marked_share" (the
-    # share at `threshold`) or "mean_probability" (its mean vessel probability); docs/PIPELINE.md, ablation.
-    estimator: str = option("marked_share", choices=ESTIMATORS)
     # Share of F^k's training set made of histogram-matched source crops besides the synthetic pairs:
     # 0.25 beat 0.0 on real data (docs/PIPELINE.md, ablation).
     source_mix: float = option(0.25, ge=0.0, lt=1.0, hint=" (the rest are the synthetic pairs)")

@@ -41,14 +41,14 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
 
     # 1. Baselines (the same segmenter budget as F^0): on raw and on histogram-matched source crops. The
     #    latter, the anchor, gives the label-free estimate of the target's vessel fraction that F^k is
-    #    calibrated to (the share it marks or its mean probability on the target training images).
+    #    calibrated to: its mean probability on the target training images.
     matched = histmatch_crops(data.src_images, inputs.target_images, ctx.stream("histmatch"))
     estimate = None
     if cfg.baselines or cfg.segmenter.vessel_prior == "estimate":
         anchor = segmenter_stage(ctx, "baseline_histmatch", matched, data.src_masks, "steps_iter0", ("data",))
         if cfg.segmenter.vessel_prior == "estimate":
             figures = vessel_fraction_stage(ctx, anchor, inputs.target_images)
-            estimate = float(figures[cfg.segmenter.estimator])
+            estimate = float(figures["mean_probability"])
         if cfg.baselines:
             results.evaluate("baseline_histmatch", anchor)
         else:

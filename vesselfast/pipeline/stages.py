@@ -39,7 +39,6 @@ INVERSION_KEYS = SCHEDULE_KEYS + ("diffusion.ddim_steps", "diffusion.t0_ratio", 
 SEGMENTER_KEYS = ("segmenter.channels", "segmenter.lr", "segmenter.batch_size", "segmenter.precision",
                   "segmenter.tile", "segmenter.stride", "segmenter.threshold", "data.clahe")
 CALIBRATION_KEYS = ("segmenter.vessel_prior", "segmenter.estimate_cap")
-ESTIMATE_KEYS = ("segmenter.estimator",)  # with vessel_prior=estimate
 PSEUDO_LABEL_KEYS = ("segmenter.precision", "data.pool", "data.crop")
 # a sampler's fields (its identity, diffusion/samplers.py) and the config keys each comes from
 SAMPLER_SETTING_KEYS = {"clip": ("diffusion.clip",), "ddim_steps": ("diffusion.ddim_steps",),
@@ -176,7 +175,6 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
     if calibration is not None:
         keys += CALIBRATION_KEYS
         if ctx.cache.choice("segmenter.vessel_prior") == "estimate":
-            keys += ESTIMATE_KEYS
             inputs = tuple(inputs) + ("vessel_fraction",)
 
     def compute(view):
@@ -216,7 +214,7 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
 def vessel_fraction_stage(ctx: Context, anchor: Dict, target_images: List[np.ndarray]) -> Dict:
     """The label-free vessel-fraction figures of the anchor (baseline_histmatch, ``anchor``) on the target
     training images [H x W]: ``marked_share`` (pooled share at its threshold) and ``mean_probability``
-    (pooled mean); ``vessel_prior=estimate`` calibrates to the one ``segmenter.estimator`` names."""
+    (pooled mean, what ``vessel_prior=estimate`` calibrates to; the marked share is kept for comparison)."""
     def compute(view):
         probs = segmenter_probs(ctx, anchor, target_images, view.segmenter.precision, "vessel fraction")
         figures = {"marked_share": marked_share(probs, anchor["threshold"]), "mean_probability": mean_probability(probs)}
