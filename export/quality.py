@@ -102,9 +102,13 @@ def pixel_size_warning(widths: Iterable[float], reference: Optional[Dict], model
         return None
     way = "thinner" if median < band["p5"] else "wider"
     px = f" ({model_pixel_size_um:.2f} um/px)" if model_pixel_size_um else ""
+    # measured (docs/MODELS.md): rescaling finer scans down to the model's pixel size helps a lot;
+    # enlarging coarser scans up to it gave mixed results, so that advice is weaker
+    advice = ("if these scans have a finer pixel size, give --pixel-size UM or --fov-mm MM to rescale them"
+              if way == "wider" else "these scans may have a coarser pixel size, where masks are less accurate; "
+              "--pixel-size UM or --fov-mm MM enlarges them to the model's, which may or may not help")
     return (f"the vessels marked are {median:.2f} px wide (median of {values.size} images), {way} than on the "
-            f"model's training scans{px}: {band['p5']:.2f}-{band['p95']:.2f} px; if these scans have another pixel "
-            f"size, give --pixel-size UM or --fov-mm MM to rescale them (docs/MODELS.md)")
+            f"model's training scans{px}: {band['p5']:.2f}-{band['p95']:.2f} px; {advice} (docs/MODELS.md)")
 
 
 def limits(reference: Dict, measure: str) -> tuple:

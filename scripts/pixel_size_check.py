@@ -1,9 +1,10 @@
-"""What the model's pixel size means on scans of another field of view, measured without new data.
+"""What the model's pixel size means on scans of another pixel size, measured without new data.
 
-OCTA-500 3M test images and labels (3 mm / 304 px, 9.87 um/px) are resized by 304 / 456: what a 4.5 mm scan
-of 304 px (14.8 um/px) shows, vessels 1.5x thinner in pixels. The model segments them as they are and with
-``pixel_size_um`` given (each image resized to the model's pixel size, the map back), and DSC / AUC are
-measured against the resized labels; the original test images give the reference row.
+OCTA-500 3M test images and labels (3 mm / 304 px, 9.87 um/px) are resized by each ``--factors`` value:
+x0.667 (203 px) has the pixel size of a 4.5 mm scan of 304 px (14.8 um/px, vessels 1.5x thinner in
+pixels), x1.5 (456 px) that of a 2 mm scan (6.6 um/px, vessels wider). The model segments them as they are
+and with ``pixel_size_um`` given (each image resized to the model's pixel size, the map back), and DSC / AUC
+are measured against the resized labels; the original test images give the reference row.
 
     python scripts/pixel_size_check.py [--model seg.onnx] [--data ../shared/data/octa/OCTA-500_3M]
 """
@@ -24,7 +25,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="an exported .onnx (default: the shipped model)")
     p.add_argument("--data", default="../shared/data/octa/OCTA-500_3M")
-    p.add_argument("--fov-mm", type=float, default=4.5, help="the simulated field of view (default 4.5 mm)")
+    p.add_argument("--factors", type=float, nargs="+", default=[304 / 456, 1.5],
+                   help="resize factors of the test images (default 0.667 and 1.5)")
     args = p.parse_args()
     if args.model is None:
         from vesselfast import shipped
@@ -33,7 +35,6 @@ def main():
     test = load_domain([args.data], "target", "test", True)
     raws = [read_image(s.source_path) for s in test]
     native = seg.pixel_size_um
-    factor = 3.0 / args.fov_mm  # the same 304 px now span fov_mm: the content shrinks by this factor
     rows = []
 
     def score(name, images, masks, px):
@@ -47,14 +48,15 @@ def main():
                      sec))
 
     score(f"original 3 mm scans, {native:.2f} um/px", raws, [s.mask for s in test], None)
-    small = [cv2.resize(r, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA) for r in raws]
-    labels = [(cv2.resize(s.mask.astype(np.float32), None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-               >= 0.5).astype(np.uint8) for s in test]
-    px = native / factor
-    score(f"resized to {small[0].shape[1]} px ({px:.2f} um/px), no --pixel-size", small, labels, None)
-    score(f"resized to {small[0].shape[1]} px, --pixel-size {px:.2f}", small, labels, px)
-    print(f"model {args.model}; {len(test)} OCTA-500 3M test images, and resized x{factor:.4f} to the pixel size "
-          f"of a {args.fov_mm:g} mm / 304 px scan")
+    for factor in args.factors:
+        how = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        images = [cv2.resize(r, None, fx=factor, fy=factor, interpolation=how) for r in raws]
+        labels = [(cv2.resize(s.mask.astype(np.float32), None, fx=factor, fy=factor, interpolation=how)
+                   >= 0.5).astype(np.uint8) for s in test]
+        px = native / factor
+        score(f"x{factor:.3g} ({images[0].shape[1]} px, {px:.2f} um/px), no --pixel-size", images, labels, None)
+        score(f"x{factor:.3g}, --pixel-size {px:.2f}", images, labels, px)
+    print(f"model {args.model}; {len(test)} OCTA-500 3M test images, as they are and resized")
     print("| images | DSC | AUC | marked share | label share | marked width px | label width px | seconds |\n"
           "|---|---|---|---|---|---|---|---|")
     for name, dsc, auc, marked, share, width, label_width, sec in rows:

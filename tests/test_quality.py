@@ -125,7 +125,9 @@ def test_pixel_size_warning_follows_the_marked_vessel_width(maps, reference):
     wide = [measures(cv2.resize(p, None, fx=2, fy=2), THRESHOLD)[WIDTH] for p in maps[:6]]
     thin = [measures(cv2.resize(p, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), THRESHOLD)[WIDTH]
             for p in maps[:6]]
-    assert "thinner than on the model's training scans (9.87 um/px)" in pixel_size_warning(thin, reference, 9.87)
-    assert "wider" in pixel_size_warning(wide + [float("nan")], reference, None)
+    warning = pixel_size_warning(thin, reference, 9.87)
+    assert "thinner than on the model's training scans (9.87 um/px)" in warning and "coarser pixel size" in warning
+    warning = pixel_size_warning(wide + [float("nan")], reference, None)
+    assert "wider" in warning and "finer pixel size, give --pixel-size" in warning
     no_width = {k: v for k, v in reference.items() if k != WIDTH}
     assert pixel_size_warning(thin, no_width, 9.87) is None and pixel_size_warning([], reference, 9.87) is None
