@@ -488,3 +488,25 @@ def test_selftrain_control_is_the_rounds_on_pseudo_labelled_target_crops(tiny_ru
     assert {"selftrain_pseudo_label_1", "selftrain_1", "selftrain_pseudo_label_2", "baseline_selftrain"} <= set(st)
     assert st["selftrain_pseudo_label_1"]["reused_from"] == str(tiny_run)
     assert "baseline_selftrain" in json.loads((two / "metrics.json").read_text())["target_test"]
+
+
+def test_unlabelled_target_folder_trains_and_evaluates_nothing(tmp_path, capsys):
+    """A user's own scans (a flat folder of images, no labels, no --target-test): the run trains every
+    stage and reports that nothing was evaluated instead of refusing; export still works."""
+    import cv2
+
+    from vesselfast.data.synthetic import raw_pair
+
+    scans = tmp_path / "my_scans"
+    scans.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(scans / f"scan{i}.png"), raw_pair("target", "train", i, 96)[0])
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--target", str(scans), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "not evaluated (no labelled test images)" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["target_test"] == {} and "segmenter_1" in metrics["stages"]
+    assert "no labelled test images" in (out / "train.log").read_text()
+    assert "not evaluated (no labelled test images" in (out / "report.md").read_text()
+    assert main(["export", "--onnx", "--run", str(out), "--out", str(tmp_path / "mine.onnx")]) == 0

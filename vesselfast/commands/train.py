@@ -60,5 +60,6 @@ def run(args) -> int:
         from vesselfast.pipeline.keys import final_key
 
         best = metrics.get(final_key(metrics) or "iter0", {})
-        print(f"done: {args.out}/report.md  final DSC {best.get('dsc', float('nan')):.4f}")
+        score = f"final DSC {best['dsc']:.4f}" if "dsc" in best else "not evaluated (no labelled test images)"
+        print(f"done: {args.out}/report.md  {score}")
     return 0

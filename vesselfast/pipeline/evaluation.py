@@ -41,8 +41,8 @@ class Evaluation:
     def evaluate(self, stage: str, state: Dict) -> Dict:
         """Metrics of the segmenter stage ``stage`` (result ``state``) on the target test split."""
         key = metric_key(stage)
-        if key in self.metrics:
-            return self.metrics[key]
+        if key in self.metrics or not self.test:  # no labelled test split: nothing to score against
+            return self.metrics.get(key, {})
         t = time.perf_counter()
         summary, probs = evaluate_on(self.ctx, state, self.test, self.precision, f"eval {key}")
         self.metrics[key] = summary

@@ -131,6 +131,14 @@ def check_no_shared_images(sources: Dict[str, List[Sample]], target_train: List[
                     raise UserError(f"{t.source_path}: the same image as the source training image {src}; {why}")
 
 
+def unlabelled_target(data_cfg) -> bool:
+    """A target folder with no labels at all (a user's own scans) and no --target-test: the run trains as
+    always and evaluates nothing (nothing to evaluate against)."""
+    from vesselfast.data.layouts import detect
+
+    return data_cfg.target_test is None and data_cfg.target != "builtin" and not detect(data_cfg.target).has_labels
+
+
 def load_inputs(cfg) -> Inputs:
     """Every image of the run's folders (``cfg``: the RunConfig), checked before anything is written."""
     data_cfg = cfg.data
@@ -138,7 +146,8 @@ def load_inputs(cfg) -> Inputs:
     sources = {folder: load_samples(cfg, [folder], "source", "train", True, seed=cfg.seed)
                for folder in data_cfg.source}
     target_train = load_samples(cfg, [data_cfg.target], "target", "train", False, seed=cfg.seed)
-    target_test = load_samples(cfg, [data_cfg.target_test or data_cfg.target], "target", "test", True, seed=cfg.seed)
+    target_test = [] if unlabelled_target(data_cfg) else \
+        load_samples(cfg, [data_cfg.target_test or data_cfg.target], "target", "test", True, seed=cfg.seed)
     if any(s.mask is not None for s in target_train):
         raise AssertionError("target training labels were read")  # load_domain must never do this
     check_no_shared_images(sources, target_train, target_test)
@@ -208,4 +217,6 @@ def describe(inputs: Inputs, cfg) -> str:
     n_src = sum(len(v) for v in inputs.sources.values())
     return (f"data: source {n_src} images ({', '.join(f'{k}: {len(v)}' for k, v in inputs.sources.items())}) -> "
             f"{cfg.data.pool} crops of {cfg.data.crop} px; target {len(inputs.target_train)} train images "
-            f"(unlabelled), {len(inputs.target_test)} test images")
+            f"(unlabelled), " + (f"{len(inputs.target_test)} test images" if inputs.target_test else
+                                 "no labelled test images (nothing is evaluated; give --target-test DIR with "
+                                 "labels to score the run)"))
