@@ -53,8 +53,7 @@ def init_from_env(device: str = "cpu") -> bool:
 
 def shutdown() -> None:
     """Leave the process group together: a barrier first, so that no rank tears gloo down while another
-    still has a collective in flight (which aborted a rank at exit: "terminate called without an active
-    exception", in about half of the runs of tests/test_distributed.py on a 2-core Zen 5)."""
+    still has a collective in flight."""
     if is_distributed():
         tdist.barrier()
         tdist.destroy_process_group()
