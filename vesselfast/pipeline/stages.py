@@ -186,7 +186,7 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
         model = train_segmenter(x, y, steps, seg.batch_size, seg.lr, ctx.stream(name), ctx.device, seg.precision,
                                 model=model, channels=seg.channels, run=ctx.run, stage=name,
                                 ckpt_every=ctx.ckpt_every, desc=name)
-        info, extra = {"steps": steps}, {}
+        info = {"steps": steps}
 
         def probs_on(target_images, what):  # its time is the stage's inference_seconds (keys.profile)
             t = time.perf_counter()
@@ -207,7 +207,7 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
                             logit_shift=round(shift, 4))
         meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": seg.tile,
                 "stride": seg.stride, "threshold": seg.threshold}
-        return {"channels": list(seg.channels), "model": model.state_dict(), **meta, **extra, "_info": info}
+        return {"channels": list(seg.channels), "model": model.state_dict(), **meta, "_info": info}
     return ctx.cache.stage(name, keys, inputs, compute)
 
 

@@ -13,7 +13,6 @@ from vesselfast.errors import UserError
 
 NAME = "vesselfast-octa500-3m"
 FILE = Path(__file__).with_name(f"{NAME}.onnx")
-PIXEL_SIZE_UM = 3000.0 / 304  # OCTA-500 3M: a 3 x 3 mm field of view on 304 x 304 px
 
 
 def model_path() -> Path:
