@@ -239,8 +239,7 @@ def write_report(run: RunDir, cfg, metrics: Dict[str, Dict], diagnostics: Option
     lines = [f"# vesselfast run: preset `{cfg.preset}`", "",
              f"Source: {', '.join(cfg.data.source)}; target: {cfg.data.target} (train images, labels unread); "
              + (f"evaluated on {cfg.data.target_test or cfg.data.target} (test split)." if metrics else
-                "not evaluated (no labelled test images; give --target-test DIR with labels to score a run).")
-             , "",
+                "not evaluated (no labelled test images; give --target-test DIR with labels to score a run)."), "",
              "| model | DSC | AUC | ACC | AHD (px) | images |", "|---|---|---|---|---|---|"]
     fmt = lambda v, d=4: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
     for k in sorted(metrics, key=model_order):
