@@ -9,14 +9,18 @@
 #                                                 paths checked, plus what runs without a GPU (a build without
 #                                                 CUDA, the collection of the CUDA tests); CI runs this
 #
-# Steps and their time budgets (seconds, together within 8 minutes on one H200):
-#   01 environment (nvidia-smi, torch, nvcc)                         10
-#   02 build the extension with CUDA against the machine's torch    150
-#   03 vesselfast info                                                10
-#   04 the CUDA / Triton tests (pytest -m cuda)                        60
-#   05 bench ops on CUDA: eager, torch.compile, kernels, copy floor    60
-#   06 bench generator / sampling / segmenter on CUDA (bf16)           60
-#   07 vesselfast train --preset gpu-short on DRIVE + CHASE_DB1 -> OCTA-500 3M, DSC and seconds per stage  150
+# Steps in order of value and their time budgets (seconds). The whole script keeps within a deadline
+# (VESSELFAST_DEVICE_DEADLINE, default 540 s from its start): a step gets at most what is left, less 20 s
+# for copying results, and is skipped when under 20 s are left, so the device tool's own limit never cuts
+# the copying of the training's metrics.
+#   01 environment (nvidia-smi, torch, nvcc)                                     10
+#   02 build the extension with CUDA against the machine's torch                150
+#   03 vesselfast info                                                            10
+#   04 the CUDA / Triton tests (pytest -m cuda)                                  120
+#   05 bench ops on CUDA: eager, the fused kernels, copy floor (no compile)       60
+#   06 vesselfast train --preset gpu-short on DRIVE + CHASE_DB1 -> OCTA-500 3M   240
+#   07 bench generator / sampling / segmenter on CUDA (bf16)                      60
+#   08 bench ops at 16M with the torch.compile baselines                          60
 set -u
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -62,7 +66,10 @@ fi
 LOG="$OUT_DIR/steps.log"
 RUN_DIR="${VESSELFAST_DEVICE_RUN:-/tmp/vesselfast_device_run}"
 
-# step NAME BUDGET COMMAND...: run (or, dry, show) one step under a time limit, appending to steps.log; never fatal.
+# step NAME BUDGET COMMAND...: run (or, dry, show) one step under a time limit, appending to steps.log; never
+# fatal. The limit is the smaller of BUDGET and what the deadline leaves (less 20 s for the copying).
+T_START=$(date +%s)
+DEADLINE="${VESSELFAST_DEVICE_DEADLINE:-540}"
 step() {
   local name="$1" budget="$2"
   shift 2
@@ -70,9 +77,15 @@ step() {
     say "would run $name (budget ${budget}s): $*"
     return 0
   fi
-  local t0 rc
+  local t0 rc left
   t0=$(date +%s)
-  echo "===== $name: $*" >> "$LOG"
+  left=$(( DEADLINE - (t0 - T_START) - 20 ))
+  if [ "$left" -lt 20 ]; then
+    say "$name: skipped, ${left} s left before the deadline"
+    return 0
+  fi
+  [ "$budget" -gt "$left" ] && budget=$left
+  echo "===== $name (limit ${budget}s): $*" >> "$LOG"
   PYTHONUNBUFFERED=1 timeout --kill-after=10 "$budget" "$@" >> "$LOG" 2>&1
   rc=$?
   say "$name: exit $rc after $(( $(date +%s) - t0 )) s$([ "$rc" = 124 ] && echo ' (time limit: what finished is kept)')"
@@ -118,15 +131,18 @@ step 01_env 10 bash -c 'nvidia-smi; '"$PY"' -c "import torch, triton; print(torc
 # VESSELFAST_FORCE_CUDA makes a build that found no toolkit fail here instead of skipping the CUDA kernels.
 step 02_build 150 env VESSELFAST_FORCE_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
 step 03_info 10 "$PY" -m vesselfast info
-step 04_tests 60 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
-step 05_bench_ops 60 "$PY" -m vesselfast bench ops --device cuda --sizes 1M,4M,16M --json "$OUT_DIR/bench_ops.json"
-step 06_bench_models 60 "$PY" -m vesselfast bench generator sampling segmenter --device cuda --no-compile \
-  --json "$OUT_DIR/bench_models.json"
-step 07_train 150 "$PY" -m vesselfast train "${TRAIN_ARGS[@]}"
+step 04_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
+step 05_bench_ops 60 "$PY" -m vesselfast bench ops --device cuda --sizes 1M,4M,16M --no-compile \
+  --json "$OUT_DIR/bench_ops.json"
+step 06_train 240 "$PY" -m vesselfast train "${TRAIN_ARGS[@]}"
 if [ "$DRY" = 0 ]; then
   for f in metrics.json stages.json train.log; do
     [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT_DIR/train_$f"
   done
 fi
+step 07_bench_models 60 "$PY" -m vesselfast bench generator sampling segmenter --device cuda --no-compile \
+  --json "$OUT_DIR/bench_models.json"
+step 08_bench_ops_compile 60 "$PY" -m vesselfast bench ops --device cuda --sizes 16M \
+  --json "$OUT_DIR/bench_ops_compile.json"
 say "done"
 exit 0
