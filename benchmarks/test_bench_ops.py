@@ -5,8 +5,11 @@ For each op and size N (float32 elements per tensor, batch 8 with per-sample tim
 - ``compile``: ``torch.compile`` of that reference, alpha_bar passed as [B] tensors so it compiles once;
 - every kernel backend available on the device (``cpu`` here; ``cuda`` and ``triton`` on a GPU),
   through the public op (coefficient tables and checks included: what callers pay);
-- ``auto``: the public op with its default backend choice, what the pipeline runs (so
-  ``VESSELFAST_BACKEND=torch`` turns it into the reference, and ``--compare`` must notice);
+- ``auto``: the public op with its default backend choice and per-sample alpha_bar tensors [B] (so
+  ``VESSELFAST_BACKEND=torch`` turns it into the reference, and ``--compare`` must notice): the
+  coefficient table is built on every call, ~15 small float64 ops on the tensors' device;
+- ``auto-scalar`` (step ops): the same with alpha_bar as Python floats, one level for the whole batch, as
+  the samplers call it (vesselfast/diffusion/sampling.py): the table comes from a cache;
 - ``cpu-kernel`` / ``cuda-kernel`` (not in quick mode): the compiled op called directly with a
   precomputed coefficient table (steps) or without autograd (loss), to show the public op's fixed cost.
 - ``copy``: ``dst.copy_(src)`` moving the same number of bytes as the op must move (the bandwidth floor).
@@ -41,6 +44,7 @@ KERNEL_IMPLS = [b for b in ("cuda", "triton", "cpu") if backend_unavailable_reas
                 and not (b == "triton" and DEVICE.type == "cpu")]
 RAW_IMPLS = [] if QUICK else [f"{b}-kernel" for b in KERNEL_IMPLS if b in ("cpu", "cuda")]
 IMPLS = ["eager"] + (["compile"] if with_compile() else []) + ["auto"] + KERNEL_IMPLS + RAW_IMPLS
+STEP_IMPLS = IMPLS[:IMPLS.index("auto") + 1] + ["auto-scalar"] + IMPLS[IMPLS.index("auto") + 1:]
 # tensors of N float32 each that the op must read or write
 TENSORS = {"ddim_step": 3, "ddim_inverse_step": 3, "ddpm_step": 4, "vessel_noise_loss": 7}
 
@@ -70,6 +74,15 @@ def _step_callable(op, impl, numel):
         out = torch.empty_like(x)
         return lambda: torch.ops.vesselfast.diffusion_step_out(x, eps, coef, noise, True, out)
     out = torch.empty_like(x)
+    if impl == "auto-scalar":  # one level for the batch, floats: the samplers' call (cached table)
+        a_t = float(ab_t[0])
+        b = {"ddim_step": ab_prev20, "ddim_inverse_step": ab_next20, "ddpm_step": ab_prev1}[op]
+        b = float(b[0])
+        if op == "ddim_step":
+            return lambda: ops.ddim_step(x, eps, a_t, b, out=out)
+        if op == "ddim_inverse_step":
+            return lambda: ops.ddim_inverse_step(x, eps, a_t, b, out=out)
+        return lambda: ops.ddpm_step(x, eps, a_t, b, noise=z, out=out)
     if op == "ddim_step":
         ref = lambda: ops.ddim_step_reference(x, eps, ab_t, ab_prev20)[0]  # noqa: E731
         fused = lambda b: ops.ddim_step(x, eps, ab_t, ab_prev20, backend=b, out=out)  # noqa: E731
@@ -126,7 +139,7 @@ def _run(benchmark, fn, sync, nbytes):
 
 
 @pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STEP_IMPLS)
 @pytest.mark.parametrize("op", ["ddim_step", "ddim_inverse_step", "ddpm_step"])
 def test_step(benchmark, sync, op, impl, numel):
     nbytes = _record(benchmark, op, impl, numel, TENSORS[op])

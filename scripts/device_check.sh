@@ -5,6 +5,7 @@
 #                                                 (git-ignored; name it in the device tool's `carry`)
 #   bash scripts/device_check.sh                  on a lent GPU machine, from the repo copy: every step below,
 #                                                 each writing to $OUT as it goes (a timeout keeps what finished)
+#   bash scripts/device_check.sh --skip 07,08     the same without the steps named (a re-run within a lease)
 #   bash scripts/device_check.sh --dry-run        on any machine: every step it would take, with its syntax and
 #                                                 paths checked, plus what runs without a GPU (a build without
 #                                                 CUDA, the collection of the CUDA tests); CI runs this
@@ -18,7 +19,7 @@
 #   03 vesselfast info                                                            10
 #   04 the CUDA / Triton tests (pytest -m cuda)                                  120
 #   05 bench ops on CUDA: eager, the fused kernels, copy floor (no compile)       60
-#   06 vesselfast train --preset gpu-short on DRIVE + CHASE_DB1 -> OCTA-500 3M   240
+#   06 vesselfast train --preset gpu-short on DRIVE + CHASE_DB1 -> OCTA-500 3M   420
 #   07 bench generator / sampling / segmenter on CUDA (bf16)                      60
 #   08 bench ops at 16M with the torch.compile baselines                          60
 set -u
@@ -27,6 +28,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 DRY=0
 STAGE=0
+SKIP=","
 OUT_DIR="${OUT:-$ROOT/out/device_check}"
 DATA="${VESSELFAST_DEVICE_DATA:-$ROOT/.device_data}"
 SHARED="${VESSELFAST_SHARED_DATA:-$ROOT/../shared/data}"
@@ -37,8 +39,9 @@ while [ $# -gt 0 ]; do
     --stage-data) STAGE=1 ;;
     --out) OUT_DIR="$2"; shift ;;
     --data) DATA="$2"; shift ;;
+    --skip) SKIP=",$2,"; shift ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "device_check.sh: unknown option $1 (use --dry-run, --stage-data, --out DIR, --data DIR)" >&2; exit 2 ;;
+    *) echo "device_check.sh: unknown option $1 (use --dry-run, --stage-data, --out DIR, --data DIR, --skip 05,07)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -77,6 +80,7 @@ step() {
     say "would run $name (budget ${budget}s): $*"
     return 0
   fi
+  case "$SKIP" in *",${name%%_*},"*) say "$name: skipped (--skip)"; return 0 ;; esac
   local t0 rc left
   t0=$(date +%s)
   left=$(( DEADLINE - (t0 - T_START) - 20 ))
@@ -134,7 +138,7 @@ step 03_info 10 "$PY" -m vesselfast info
 step 04_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
 step 05_bench_ops 60 "$PY" -m vesselfast bench ops --device cuda --sizes 1M,4M,16M --no-compile \
   --json "$OUT_DIR/bench_ops.json"
-step 06_train 240 "$PY" -m vesselfast train "${TRAIN_ARGS[@]}"
+step 06_train 420 "$PY" -m vesselfast train "${TRAIN_ARGS[@]}"
 if [ "$DRY" = 0 ]; then
   for f in metrics.json stages.json train.log; do
     [ -f "$RUN_DIR/$f" ] && cp "$RUN_DIR/$f" "$OUT_DIR/train_$f"

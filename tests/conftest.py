@@ -5,11 +5,13 @@ from pathlib import Path
 # tl.sum) are interpreted. Collection imports diffusers (tests/test_diffusers_parity.py), which imports
 # triton, before tests/test_ops_backends.py is reached, so the switch must be set here, first. CPU
 # runs never pick Triton by themselves (the registry's auto skips the interpreter), so nothing else
-# changes.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# changes. On a machine with a CUDA GPU the kernels are compiled instead (tests/test_cuda.py checks
+# them there); importing torch does not import triton, so asking torch first is safe.
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VESSELFAST_SHARED_DATA", REPO.parent / "shared" / "data"))

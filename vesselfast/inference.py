@@ -48,11 +48,11 @@ def sliding_window_probs(batch_fn: BatchFn, image: np.ndarray, tile: int = 256, 
 def torch_batch_fn(model: torch.nn.Module, device="cpu", precision: str = "fp32",
                    channels_last: bool = False) -> BatchFn:
     """Wraps a segmenter for :func:`sliding_window_probs` (eval mode, no grad, ``precision`` fp32 | bf16 |
-    fp16 | auto, optionally channels_last for the model and its inputs)."""
+    fp16 | auto, optionally channels_last for the model and its inputs). The model is moved to ``device``."""
     from vesselfast.models.precision import autocast, resolved, to_memory_format
 
     precision = resolved(device, precision)
-    to_memory_format(model.eval(), channels_last)
+    model = to_memory_format(model.eval().to(device), channels_last)  # a model loaded on the CPU runs on ``device``
 
     @torch.no_grad()
     def fn(batch: np.ndarray) -> np.ndarray:
