@@ -18,7 +18,7 @@ def test_dry_run_lists_every_step_and_builds_without_cuda(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    for step in ("01_env", "02_build", "03_info", "04_tests", "05_bench_ops", "06_train", "07_bench_models",
+    for step in ("01_env", "02_build", "03_info", "04_tests", "05_train", "06_bench_ops", "07_bench_models",
                  "08_bench_ops_compile"):
         assert f"would run {step}" in summary, step
     assert "extension builds without CUDA (1 module)" in summary
