@@ -1,0 +1,92 @@
+"""Where a generator training step spends its time: torch.profiler over steps of
+:func:`vesselfast.pipeline.generative.train_generator` with a preset's generator (default real-cpu: base 32,
+(1, 2, 2), batch 8, 64-px crops), grouped by kind of work (forward convolutions, their backward, norms,
+activations, the loss, AdamW, EMA, data and augmentation) and by operator.
+
+    python scripts/profile_generator_step.py [--preset real-cpu] [--precision bf16] [--steps 20] [--threads 2]
+
+Prints the machine, the mean step time outside the profiler, and two tables (self CPU time). Percentages
+are the numbers to read; absolute times are only meaningful on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+from vesselfast import hardware
+from vesselfast.diffusion import NoiseSchedule
+from vesselfast.pipeline.config import resolve
+from vesselfast.pipeline.generative import build_generator, train_generator
+
+# operator name fragments -> kind of work (first match wins)
+KINDS = [
+    ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward")),
+    ("convolution", ("conv", "mkldnn_convolution")),
+    ("matmul / linear", ("addmm", "mm", "bmm", "linear")),
+    ("group norm", ("group_norm", "native_group_norm")),
+    ("activation", ("silu", "gelu", "relu", "sigmoid")),
+    ("optimizer (AdamW)", ("adam", "_foreach_", "lerp", "addcdiv", "addcmul", "sqrt", "mul_", "add_", "div_")),
+    ("noise loss", ("vessel_noise_loss", "vesselfast::")),
+    ("dtype casts", ("to_copy", "_to_copy", "copy_")),
+    ("interpolate / pooling", ("upsample", "pool", "interpolate")),
+    ("random / data", ("randn", "randint", "normal", "uniform", "index", "flip", "rot90", "grid_sampler")),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, frags in KINDS:
+        if any(f in low for f in frags):
+            return kind
+    return "other"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="real-cpu")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--crop", type=int, default=None, help="crop size (default: the preset's)")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = resolve(args.preset, overrides={"generator": {"precision": args.precision}})
+    gcfg, crop = cfg.generator, args.crop or cfg.data.crop
+    precision = hardware.resolve_precision(gcfg.precision, torch.device("cpu"))[0]
+    gcfg.precision = precision
+    g = torch.Generator().manual_seed(0)
+    n = 4 * gcfg.batch_size
+    images = torch.rand(n, 1, crop, crop, generator=g) * 2 - 1
+    masks = (torch.rand(n, 1, crop, crop, generator=g) < 0.1).float()
+    sched = NoiseSchedule.make(cfg.diffusion.schedule, cfg.diffusion.T)
+    model = build_generator(gcfg, 0)
+    print(f"machine: {hardware.cpu_model()}, {args.threads} threads, torch {torch.__version__}; "
+          f"preset {args.preset}: base {gcfg.base_channels} x {list(gcfg.channel_mult)}, batch {gcfg.batch_size}, "
+          f"{crop} px, precision {precision}")
+    train_generator(model, images, masks, 3, gcfg, sched, seed=0)  # warm-up (allocations, oneDNN primitives)
+    t = time.perf_counter()
+    train_generator(model, images, masks, args.steps, gcfg, sched, seed=0)
+    print(f"step: {1e3 * (time.perf_counter() - t) / args.steps:.1f} ms (mean of {args.steps}, outside the profiler)")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_generator(model, images, masks, args.steps, gcfg, sched, seed=0)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    by_kind = collections.Counter()
+    for e in events:
+        by_kind[kind_of(e.key)] += e.self_cpu_time_total
+    print(f"\nself CPU time by kind of work ({total / 1e3 / args.steps:.1f} ms per step under the profiler)")
+    for kind, us in by_kind.most_common():
+        print(f"  {kind:<24} {us / 1e3 / args.steps:8.2f} ms  {100 * us / total:5.1f} %")
+    print(f"\ntop {args.top} operators (self CPU time)")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+        print(f"  {e.key[:44]:<44} {e.self_cpu_time_total / 1e3 / args.steps:8.2f} ms  "
+              f"{100 * e.self_cpu_time_total / total:5.1f} %  calls/step {e.count / args.steps:6.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
