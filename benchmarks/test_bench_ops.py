@@ -76,13 +76,9 @@ def _step_callable(op, impl, numel):
     out = torch.empty_like(x)
     if impl == "auto-scalar":  # one level for the batch, floats: the samplers' call (cached table)
         a_t = float(ab_t[0])
-        b = {"ddim_step": ab_prev20, "ddim_inverse_step": ab_next20, "ddpm_step": ab_prev1}[op]
-        b = float(b[0])
-        if op == "ddim_step":
-            return lambda: ops.ddim_step(x, eps, a_t, b, out=out)
-        if op == "ddim_inverse_step":
-            return lambda: ops.ddim_inverse_step(x, eps, a_t, b, out=out)
-        return lambda: ops.ddpm_step(x, eps, a_t, b, noise=z, out=out)
+        b = float({"ddim_step": ab_prev20, "ddim_inverse_step": ab_next20, "ddpm_step": ab_prev1}[op][0])
+        kw = {"noise": z} if op == "ddpm_step" else {}
+        return lambda: getattr(ops, op)(x, eps, a_t, b, out=out, **kw)
     if op == "ddim_step":
         ref = lambda: ops.ddim_step_reference(x, eps, ab_t, ab_prev20)[0]  # noqa: E731
         fused = lambda b: ops.ddim_step(x, eps, ab_t, ab_prev20, backend=b, out=out)  # noqa: E731

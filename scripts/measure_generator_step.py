@@ -13,8 +13,10 @@ Measure on a quiet machine and name its CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,6 +67,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
+    bad = [x for x in args.precisions.split(",") if x not in ("bf16", "fp32")]
+    if bad:
+        ap.error(f"--precisions: {', '.join(bad)} not among bf16, fp32")
     torch.set_num_threads(args.threads)
     cfg = resolve(args.preset)
     gcfg, crop, b = cfg.generator, cfg.data.crop, cfg.generator.batch_size
@@ -100,4 +105,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vesselfast.errors import UserError
+    try:
+        raise SystemExit(main())
+    except UserError as e:  # a bad --preset or precision: one line, exit 2
+        print(f"{Path(__file__).name}: {e}", file=sys.stderr)
+        raise SystemExit(2)

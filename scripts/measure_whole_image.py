@@ -9,11 +9,14 @@ Labels of the run's target test split are read (this is an evaluation, after tra
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import yaml
 
 from vesselfast import hardware
+from vesselfast.checkpoint import segmenter_from_state
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.cache import StageCache
 from vesselfast.pipeline.rundir import RunDir
@@ -30,6 +33,10 @@ def main() -> int:
     ap.add_argument("--stages", help="comma-separated segmenter stages (default: the final one)")
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
+    if not (Path(args.run) / "config.yaml").is_file():
+        print(f"measure_whole_image.py: --run {args.run}: no config.yaml there; "
+              "point it at a directory made by vesselfast train", file=sys.stderr)
+        return 2
     run = RunDir(args.run, writer=False)
     cfg = from_dict(yaml.safe_load((run.root / "config.yaml").read_text()))
     device = dist.device(cfg.device)
@@ -38,16 +45,16 @@ def main() -> int:
     stages = args.stages.split(",") if args.stages else [final_stage(done)]
     ctx = Context(StageCache({"seed": cfg.seed}, run), run, cfg.seed, device, cfg.ckpt_every)
     test = load_samples(cfg, [cfg.data.target_test or cfg.data.target], "target", "test", True, seed=cfg.seed)
-    multiple = 2 ** (len(cfg.segmenter.channels) - 1)
     side = max(max(s.image.shape) for s in test)
-    whole = -(-side // multiple) * multiple
     print(f"machine: {hardware.cpu_model()}; run {args.run}; {len(test)} test images up to {side} px; "
-          f"whole-image pass at {whole} px (multiple of {multiple}); precision {precision}")
+          f"precision {precision}")
     print(f"{'stage':<22}{'inference':<22}{'DSC':>8}{'AUC':>8}{'AHD':>7}{'seconds':>9}")
     for stage in stages:
         state = run.load(stage, "re-run the training")
+        multiple = segmenter_from_state(state).size_multiple
+        whole = -(-side // multiple) * multiple  # one tile covering the image, padded to the network's multiple
         variants = [(f"tiles {state['tile']}/{state['stride']}", state),
-                    ("whole image", dict(state, tile=whole, stride=whole))]
+                    (f"whole image ({whole} px)", dict(state, tile=whole, stride=whole))]
         for name, st in variants:
             t = time.perf_counter()
             res, _ = evaluate_on(ctx, st, test, precision, name)

@@ -11,8 +11,10 @@ are the numbers to read; absolute times are only meaningful on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import sys
 import collections
 import time
+from pathlib import Path
 
 import torch
 
@@ -89,4 +91,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vesselfast.errors import UserError
+    try:
+        raise SystemExit(main())
+    except UserError as e:  # a bad --preset or precision: one line, exit 2
+        print(f"{Path(__file__).name}: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -180,8 +180,8 @@ def summarize(raw: dict, stat: str = "median") -> List[dict]:
         if e["op"] == "copy":
             rows.append(dict(e, gbps=e["bytes"] / e["time_s"] / 1e9 if e["time_s"] > 0 else None, vs_ref=None,
                              vs_compile=None, floor_time_s=e["time_s"], floor=1.0))
-    order = {"eager": 0, "fp32": 0, "compile": 1, "torch": 2, "auto": 3, "auto-scalar": 3.5, "cpu": 4, "cpu-kernel": 5, "triton": 6,
-             "cuda": 7, "cuda-kernel": 8, "copy": 9}
+    order = {"eager": 0, "fp32": 0, "compile": 1, "torch": 2, "auto": 3, "auto-scalar": 3.5, "cpu": 4,
+             "cpu-kernel": 5, "triton": 6, "cuda": 7, "cuda-kernel": 8, "copy": 9}
     rows.sort(key=lambda r: (r["suite"], r["op"] == "copy", r["op"], r["numel"] or 0, r.get("bytes") or 0,
                              order.get(r["impl"], 6), r["impl"]))
     return rows
