@@ -8,7 +8,7 @@ the two is what the source rescale factor is made of.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, List
 
 import numpy as np
 
@@ -44,7 +44,12 @@ def mean_width(mask: np.ndarray) -> float:
     return float(m.sum() / max(skeleton_length(skeletonize(m)), 1.0))
 
 
+def widths(masks: Iterable[np.ndarray]) -> List[float]:
+    """:func:`mean_width` of every map that marks something (empty ones skipped)."""
+    return [w for w in (mean_width(m) for m in masks) if not math.isnan(w)]
+
+
 def mean_calibre(masks: Iterable[np.ndarray]) -> float:
     """Mean over maps of :func:`mean_width`, skipping empty ones; NaN when all are empty."""
-    widths = [w for w in (mean_width(m) for m in masks) if not math.isnan(w)]
-    return float(np.mean(widths)) if widths else float("nan")
+    found = widths(masks)
+    return float(np.mean(found)) if found else float("nan")

@@ -57,6 +57,11 @@ class DataConfig:
     # source scales (relative to the common calibre) the probe sees at once, so that it is scale-agnostic
     survey_scales: List[float] = option(factory=lambda: [0.5, 0.71, 1.0, 1.41, 2.0], nonempty=True, gt=0.0,
                                         what="factors", hint=", e.g. [0.5, 1.0, 2.0]")
+    # Target training images every label-free inference sees (the survey's probe, the vessel-fraction
+    # estimate, calibration, pseudo-labels): a fixed random sample of at most this many, so those stages
+    # cost the same for any target size (their sampling error is logged); all of them when fewer. The
+    # generators train on crops of every image. (pipeline/sampling.py)
+    target_sample: int = option(200, ge=2)
     crop: int = option(64, ge=16)         # crop size for every stage
     pool: int = option(512, ge=1)         # crops cut once per domain for training (half vessel-centred)
     synth_crops: int = option(200, ge=1)  # source crops inverted and re-synthesised as target images

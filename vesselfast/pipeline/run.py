@@ -19,6 +19,7 @@ from vesselfast.pipeline.config import RunConfig
 from vesselfast.pipeline.evaluation import Evaluation
 from vesselfast.pipeline.inputs import DATA_KEYS, Inputs, build_data
 from vesselfast.pipeline.rundir import LOG
+from vesselfast.pipeline.sampling import draw as target_sample
 from vesselfast.pipeline.stages import (Calibration, Context, generator_stage, invert_stage, pseudo_label_stage,
                                         segmenter_stage, synthesize_stage, vessel_fraction_stage)
 from vesselfast.pipeline.survey import survey_stage
@@ -30,8 +31,12 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
 
     # 0. Survey and data: each source folder's rescale factor (its vessels as wide as the target's,
     #    estimated without target labels), then the crop pools every stage trains on.
+    #    Every label-free inference on the target training set sees the same fixed-size random sample of
+    #    it (all of a target of at most data.target_sample images), so its cost does not grow with the target.
+    sample = target_sample(inputs.target_train, cfg.data.target_sample, ctx.stream("target_sample"))
+    LOG.info(f"label-free statistics and pseudo-labels from {sample.describe()}")
     if cfg.data.source_scale is None:
-        factors, data_inputs = survey_stage(ctx, inputs), ("survey",)
+        factors, data_inputs = survey_stage(ctx, inputs, sample), ("survey",)
     else:
         factors, data_inputs = {folder: float(cfg.data.source_scale) for folder in cfg.data.source}, ()
     data = build_data(stage_cache.identify("data", DATA_KEYS, data_inputs), ctx.seed, inputs, factors)
@@ -47,7 +52,7 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
     if cfg.baselines or cfg.segmenter.vessel_prior == "estimate":
         anchor = segmenter_stage(ctx, "baseline_histmatch", matched, data.src_masks, "steps_iter0", ("data",))
         if cfg.segmenter.vessel_prior == "estimate":
-            figures = vessel_fraction_stage(ctx, anchor, inputs.target_images)
+            figures = vessel_fraction_stage(ctx, anchor, sample)
             estimate = float(figures["mean_probability"])
         if cfg.baselines:
             results.evaluate("baseline_histmatch", anchor)
@@ -56,7 +61,7 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
     if cfg.baselines:
         results.evaluate("baseline", segmenter_stage(ctx, "baseline", data.src_images, data.src_masks,
                                                      "steps_iter0", ("data",)))
-    calibration = Calibration(inputs.target_images, data.source_vessel_fraction(), estimate)
+    calibration = Calibration(sample, data.source_vessel_fraction(), estimate)
 
     # 2. Pre-train the generators: G_S on source crops with their masks, G_T^0 on target crops.
     g_s = generator_stage(ctx, "pretrain_source", data.src_images, data.src_masks, "steps_source", ("data",))
@@ -83,7 +88,7 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
     g_name, f_name = "pretrain_target", "segmenter_0"
     finetune = cfg.segmenter.finetune
     for k in range(1, cfg.rounds + 1):
-        pseudo = pseudo_label_stage(ctx, f"pseudo_label_{k}", f, f_name, inputs.target_train)
+        pseudo = pseudo_label_stage(ctx, f"pseudo_label_{k}", f, f_name, sample)
         g_t = generator_stage(ctx, f"target_generator_{k}", pseudo["images"], pseudo["masks"], "steps_round",
                               (f"pseudo_label_{k}", g_name), init=g_t)
         synth = synthesize_stage(ctx, f"synthesize_{k}", g_t, "sampler", latents, syn_masks, True,
@@ -106,7 +111,7 @@ def run_method(cfg: RunConfig, ctx: Context, inputs: Inputs) -> Dict[str, Dict]:
         f, f_name = anchor, "baseline_histmatch"
         for k in range(1, cfg.rounds + 1):
             labels, name = f"selftrain_pseudo_label_{k}", "baseline_selftrain" if k == cfg.rounds else f"selftrain_{k}"
-            pseudo = pseudo_label_stage(ctx, labels, f, f_name, inputs.target_train)
+            pseudo = pseudo_label_stage(ctx, labels, f, f_name, sample)
             f = segmenter_stage(ctx, name, pseudo["images"], pseudo["masks"], "steps_round",
                                 ("data", labels) + ((f_name,) if finetune else ()),
                                 init=f if finetune else None, calibration=calibration,

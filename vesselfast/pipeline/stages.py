@@ -8,6 +8,7 @@ masks [N x 1 x c x c] in {0, 1}.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -27,6 +28,7 @@ from vesselfast.pipeline.cache import ConfigSlice, StageCache
 from vesselfast.pipeline.calibration import logit_shift, marked_share, mean_probability, vessel_prior
 from vesselfast.pipeline.generative import EpsModel, build_generator, invert, synthesize, train_generator
 from vesselfast.pipeline.rundir import LOG, RunDir
+from vesselfast.pipeline.sampling import TargetSample, mean_probability_error, share_error
 from vesselfast.pipeline.seeds import stream_seed
 from vesselfast.pipeline.segmentation import probability_maps, train_segmenter
 
@@ -62,7 +64,7 @@ class Context:
 @dataclass(frozen=True)
 class Calibration:
     """What the label-free calibration of a segmenter stage needs (calibration.py)."""
-    target_images: List[np.ndarray]   # the target training images [H x W], no labels
+    sample: TargetSample              # the target training images it is calibrated on (no labels)
     source_fraction: float            # the source masks' vessel fraction inside the FOV
     estimate: Optional[float]         # baseline_histmatch's vessel-fraction figure (vessel_prior=estimate)
 
@@ -173,7 +175,7 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
     if source_mix is not None:
         keys += ("segmenter.source_mix",)
     if calibration is not None:
-        keys += CALIBRATION_KEYS
+        keys += CALIBRATION_KEYS + calibration.sample.keys
         if ctx.cache.choice("segmenter.vessel_prior") == "estimate":
             inputs = tuple(inputs) + ("vessel_fraction",)
 
@@ -198,48 +200,65 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
             prior, note = vessel_prior(seg.vessel_prior, calibration.source_fraction, calibration.estimate,
                                        seg.estimate_cap)
             if prior is not None:
-                shift, before = logit_shift(probs_on(calibration.target_images, "calibrate"), prior, seg.threshold)
+                sample = calibration.sample
+                probs = probs_on(sample.images, "calibrate")
+                shift, before = logit_shift(probs, prior, seg.threshold)
                 with torch.no_grad():
                     model.head.bias += shift
-                LOG.info(f"{name}: calibrated to vessel fraction {prior:.4f} (was {before:.4f}); logit shift "
-                         f"{shift:+.3f}" + (f" ({note})" if note else ""))
                 info.update(calibration_prior=round(prior, 5), marked_share_before=round(before, 5),
                             logit_shift=round(shift, 4))
+                error = ""
+                if sample.sampled:  # how far the share it marks on all images may lie from the prior
+                    shifted = 1.0 / (1.0 + math.exp(shift - math.log(seg.threshold / (1.0 - seg.threshold))))
+                    info["marked_share_error"] = round(share_error(probs, sample.population, shifted), 5)
+                    error = f" +- {info['marked_share_error']:.4f} on all {sample.population} images"
+                LOG.info(f"{name}: calibrated to vessel fraction {prior:.4f}{error} (was {before:.4f}, "
+                         f"{sample.describe()}); logit shift {shift:+.3f}" + (f" ({note})" if note else ""))
         meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": seg.tile,
                 "stride": seg.stride, "threshold": seg.threshold}
         return {"channels": list(seg.channels), "model": model.state_dict(), **meta, "_info": info}
     return ctx.cache.stage(name, keys, inputs, compute)
 
 
-def vessel_fraction_stage(ctx: Context, anchor: Dict, target_images: List[np.ndarray]) -> Dict:
+def vessel_fraction_stage(ctx: Context, anchor: Dict, sample: TargetSample) -> Dict:
     """The label-free vessel-fraction figures of the anchor (baseline_histmatch, ``anchor``) on the target
-    training images [H x W]: ``marked_share`` (pooled share at its threshold) and ``mean_probability``
-    (pooled mean, what ``vessel_prior=estimate`` calibrates to; the marked share is kept for comparison)."""
+    ``sample``: ``marked_share`` (pooled share at its threshold) and ``mean_probability`` (pooled mean,
+    what ``vessel_prior=estimate`` calibrates to; the marked share is kept for comparison); on a sample of a
+    larger target, also their sampling errors (``*_error``, standard errors)."""
     def compute(view):
-        probs = segmenter_probs(ctx, anchor, target_images, view.segmenter.precision, "vessel fraction")
+        probs = segmenter_probs(ctx, anchor, sample.images, view.segmenter.precision, "vessel fraction")
         figures = {"marked_share": marked_share(probs, anchor["threshold"]), "mean_probability": mean_probability(probs)}
-        LOG.info(f"baseline_histmatch on the target training images: marks {100 * figures['marked_share']:.2f}%, "
-                 f"mean probability {100 * figures['mean_probability']:.2f}%")
-        return {**figures, "_info": {k: round(v, 5) for k, v in figures.items()}}
-    return ctx.cache.stage("vessel_fraction", ("segmenter.precision",), ("data", "baseline_histmatch"), compute)
+        errors = {"marked_share_error": share_error(probs, sample.population, anchor["threshold"]),
+                  "mean_probability_error": mean_probability_error(probs, sample.population)}
+
+        def pm(key):
+            return f" +- {100 * errors[key + '_error']:.2f}" if sample.sampled else ""
+        LOG.info(f"baseline_histmatch on {sample.describe()}: marks {100 * figures['marked_share']:.2f}"
+                 f"{pm('marked_share')}%, mean probability {100 * figures['mean_probability']:.2f}"
+                 f"{pm('mean_probability')}%")
+        info = {**figures, **(dict(errors, target_images_used=len(sample.samples)) if sample.sampled else {})}
+        return {**figures, "_info": {k: round(v, 5) for k, v in info.items()}}
+    return ctx.cache.stage("vessel_fraction", ("segmenter.precision",) + sample.keys, ("data", "baseline_histmatch"),
+                           compute)
 
 
-def pseudo_label_stage(ctx: Context, name: str, labeller: Dict, labeller_name: str,
-                       target_train: List[Sample]) -> Dict:
+def pseudo_label_stage(ctx: Context, name: str, labeller: Dict, labeller_name: str, sample: TargetSample) -> Dict:
     """A round's pseudo-labels: ``labeller`` (F^{k-1}, the stage ``labeller_name``) on the real target
-    training images, thresholded at its own threshold, and ``data.pool`` crops of them (images and labels
-    [pool x 1 x c x c]). The method's stages are ``pseudo_label_k``, the self-training control's
+    training images of ``sample``, thresholded at its own threshold, and ``data.pool`` crops of them (images
+    and labels [pool x 1 x c x c]). The method's stages are ``pseudo_label_k``, the self-training control's
     ``selftrain_pseudo_label_k``."""
     def compute(view):
-        probs = segmenter_probs(ctx, labeller, [s.image for s in target_train], view.segmenter.precision,
-                                name.replace("_", " "))
+        probs = segmenter_probs(ctx, labeller, sample.images, view.segmenter.precision, name.replace("_", " "))
         labels = [(p >= labeller["threshold"]).astype(np.uint8) for p in probs]
         crops, masks, _ = random_crops(
-            [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(target_train, labels)],
+            [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(sample.samples, labels)],
             view.data.pool, view.data.crop, np.random.default_rng(ctx.stream(name)))
-        return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks),
-                "_info": {"marked_share": marked_share(probs, labeller["threshold"])}}
-    return ctx.cache.stage(name, PSEUDO_LABEL_KEYS, ("data", labeller_name), compute)
+        info = {"marked_share": marked_share(probs, labeller["threshold"])}
+        if sample.sampled:
+            info.update(marked_share_error=round(share_error(probs, sample.population, labeller["threshold"]), 5),
+                        target_images_used=len(sample.samples))
+        return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks), "_info": info}
+    return ctx.cache.stage(name, PSEUDO_LABEL_KEYS + sample.keys, ("data", labeller_name), compute)
 
 
 def training_set(ctx: Context, name: str, source_mix: float, synth_images: torch.Tensor, synth_masks: torch.Tensor,

@@ -12,7 +12,8 @@ capillary mesh, or only the widest vessels). Nothing here is a constant for a da
    (``data.survey_scales``, default 0.5x to 2x of ``c_ref``), histogram-matched to target images (the cheap
    ``baseline_histmatch`` recipe). Having seen vessels of every width, it marks the target's vessels at
    their own width instead of the one it learned.
-3. The target calibre ``c_T`` is the mean width of what the probe marks on the target training images;
+3. The target calibre ``c_T`` is the mean width of what the probe marks on the target training images
+   (the target sample, sampling.py: at most ``data.target_sample`` of them, the sampling error logged);
    folder d is rescaled by ``c_T / c_d``. Everything is logged and kept in stages.json.
 
 Measured on DRIVE + CHASE_DB1 -> OCTA-500 3M (docs/DATA.md): a probe trained at one scale only drifts
@@ -31,11 +32,12 @@ import numpy as np
 import torch
 
 from vesselfast.data import random_crops
-from vesselfast.data.calibre import mean_calibre
+from vesselfast.data.calibre import mean_calibre, widths
 from vesselfast.pipeline.baselines import histmatch_crops
 from vesselfast.pipeline.calibration import marked_share
 from vesselfast.pipeline.inputs import DATA_KEYS, Inputs, source_at
 from vesselfast.pipeline.rundir import LOG
+from vesselfast.pipeline.sampling import TargetSample, mean_error, share_error
 from vesselfast.pipeline.segmentation import probability_maps, train_segmenter
 from vesselfast.pipeline.stages import SEGMENTER_KEYS, Context
 
@@ -69,10 +71,12 @@ def run_survey(source_calibres: Dict[str, float], scales: Sequence[float],
                         {d: width / c for d, c in source_calibres.items()}, note)
 
 
-def probe(ctx: Context, view, inputs: Inputs) -> Callable[[Sequence[Dict[str, float]]], Tuple[float, float]]:
+def probe(ctx: Context, view, inputs: Inputs, sample: TargetSample,
+          errors: Dict[str, float]) -> Callable[[Sequence[Dict[str, float]]], Tuple[float, float]]:
     """The survey's probe for :func:`run_survey`: trains one segmenter on the source at every factor set
     (an equal share of ``data.pool`` crops each), histogram-matched to target images, and returns the mean
-    width and the marked share of what it marks on the target training images."""
+    width and the marked share of what it marks on the target ``sample``; their sampling errors go to
+    ``errors`` (``target_calibre_error``, ``marked_share_error``)."""
     def measure(factor_sets):
         seg, data_cfg = view.segmenter, view.data
         rng = np.random.default_rng(ctx.stream("survey_crops"))
@@ -84,23 +88,32 @@ def probe(ctx: Context, view, inputs: Inputs) -> Callable[[Sequence[Dict[str, fl
         model = train_segmenter(matched, masks, data_cfg.survey_steps, seg.batch_size, seg.lr,
                                 ctx.stream("survey_probe"), ctx.device, seg.precision, channels=seg.channels,
                                 desc="survey probe")
-        probs = probability_maps(model, inputs.target_images, seg.tile, seg.stride, ctx.device, seg.precision, "survey")
-        return mean_calibre(p >= seg.threshold for p in probs), marked_share(probs, seg.threshold)
+        probs = probability_maps(model, sample.images, seg.tile, seg.stride, ctx.device, seg.precision, "survey")
+        found = widths(p >= seg.threshold for p in probs)
+        errors.update(target_calibre_error=mean_error(found, sample.population),
+                      marked_share_error=share_error(probs, sample.population, seg.threshold))
+        return (float(np.mean(found)) if found else float("nan")), marked_share(probs, seg.threshold)
     return measure
 
 
-def survey_stage(ctx: Context, inputs: Inputs) -> Dict[str, float]:
-    """Source folder -> rescale factor: fixed by ``data.source_scale``, else estimated by the survey."""
+def survey_stage(ctx: Context, inputs: Inputs, sample: TargetSample) -> Dict[str, float]:
+    """Source folder -> rescale factor, estimated by the survey (its probe sees the target ``sample``)."""
     def compute(view):
         calibres = {folder: mean_calibre(s.mask for s in inputs.sources[folder]) for folder in view.data.source}
-        res = run_survey(calibres, view.data.survey_scales, probe(ctx, view, inputs))
-        LOG.info(f"survey: target calibre {res.target_calibre:.2f} px (source calibres "
+        errors: Dict[str, float] = {}
+        res = run_survey(calibres, view.data.survey_scales, probe(ctx, view, inputs, sample, errors))
+        LOG.info(f"survey: target calibre {res.target_calibre:.2f}"
+                 + (f" +- {errors['target_calibre_error']:.2f}" if sample.sampled else "")
+                 + f" px on {sample.describe()} (source calibres "
                  + ", ".join(f"{k} {v:.2f}" for k, v in res.source_calibres.items()) + "); rescale factors "
                  + ", ".join(f"{k} {v:.3f}" for k, v in res.factors.items())
-                 + f"; the probe marks {100 * res.marked_share:.1f}% of the target pixels"
+                 + f"; the probe marks {100 * res.marked_share:.1f}"
+                 + (f" +- {100 * errors['marked_share_error']:.1f}" if sample.sampled else "") + "% of the target pixels"
                  + (f" ({res.note})" if res.note else ""))
         info = {"source_calibres": {k: round(v, 4) for k, v in res.source_calibres.items()},
                 "target_calibre": round(res.target_calibre, 4), "marked_share": round(res.marked_share, 5),
                 "factors": {k: round(v, 4) for k, v in res.factors.items()}, "note": res.note}
+        if sample.sampled:  # sampling errors (standard errors, sampling.py) and the sample's size
+            info.update(target_images_used=len(sample.samples), **{k: round(v, 5) for k, v in errors.items()})
         return {"factors": dict(res.factors), "_info": info}
-    return dict(ctx.cache.stage("survey", SURVEY_KEYS, (), compute)["factors"])
+    return dict(ctx.cache.stage("survey", SURVEY_KEYS + sample.keys, (), compute)["factors"])
