@@ -78,3 +78,21 @@ def test_public_loss_gradient_flows_through_the_registered_autograd():
     h64 = x.double().requires_grad_()
     ops.vessel_noise_loss_reference(eps.double(), h64, w.double()).mean().backward()
     assert torch.allclose(hat.grad.double(), h64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_per_sample_tables_are_cached_by_value():
+    """Per-sample CPU alpha_bar tensors take the cached table (one build per set of values): the result
+    equals the float64 reference, a tensor changed in place gets its own table, and a table built from
+    the same values in a new tensor is a cache hit."""
+    x, eps, z, ab_t, ab_p = _inputs(7)
+    ds._cached_table.cache_clear()
+    first = ops.ddim_step(x, eps, ab_t, ab_p, backend="cpu")
+    want, _ = ops.ddim_step_reference(x.double(), eps.double(), ab_t, ab_p)
+    assert torch.allclose(first.double(), want, rtol=1e-5, atol=1e-5)
+    again = ops.ddim_step(x, eps, ab_t.clone(), ab_p.clone(), backend="cpu")
+    assert torch.equal(first, again) and ds._cached_table.cache_info().hits == 1
+    ab_p[1] = ab_t[1]  # in place: a no-op step for sample 1 (x0 re-noised to the same level)
+    moved = ops.ddim_step(x, eps, ab_t, ab_p, backend="cpu")
+    want, _ = ops.ddim_step_reference(x.double(), eps.double(), ab_t, ab_p)
+    assert torch.allclose(moved.double(), want, rtol=1e-5, atol=1e-5) and not torch.equal(moved[1], first[1])
+    assert ds._cached_table.cache_info().misses == 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from vesselfast import _ext
@@ -266,18 +267,36 @@ _TABLES = {"ddim": ddim_coefficients, "ddim_inverse": lambda a, b, _: ddim_inver
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_table(kind: str, a: float, b: float, param, batch: int, device: str) -> torch.Tensor:
-    """Samplers call every step with the same few scalar alpha_bars: build each [B, 6] table once.
+def _cached_table(kind: str, a, b, param, batch: int, device: str) -> torch.Tensor:
+    """Loops call every step with the same few alpha_bars: build each [B, 6] table once. ``a``, ``b``:
+    a float, or the float64 bytes of a CPU [1] / [B] tensor (:func:`_cache_key`).
     (The float64 table costs ~15 small torch ops, ~37 us: a third of a 1M-element kernel's time.)"""
-    full = lambda v: torch.full((batch,), v, dtype=torch.float64)
-    return _TABLES[kind](full(a), full(b), param).to(device)
+    def values(v):
+        if isinstance(v, float):
+            return torch.full((batch,), v, dtype=torch.float64)
+        return torch.from_numpy(np.frombuffer(v, dtype=np.float64).copy()).expand(batch).contiguous()
+    return _TABLES[kind](values(a), values(b), param).to(device)
+
+
+def _cache_key(v: Abar, batch: int):
+    """What identifies alpha_bar ``v`` in :func:`_cached_table`: the float, or a CPU tensor's float64 bytes
+    (values, not identity: a tensor changed in place gets a new table); None for a device tensor, whose
+    values would cost a synchronisation to read."""
+    if isinstance(v, float):
+        return v
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() in (1, batch):
+        return v.detach().to(torch.float64).reshape(-1).numpy().tobytes()
+    return None
 
 
 def _coefficients(kind: str, x: torch.Tensor, a: Abar, b: Abar, param) -> torch.Tensor:
     """The [N x 6] float32 table of step ``kind`` on x's device, for an [N x ...] x and alpha_bars ``a``,
-    ``b`` ([N] Tensors or floats). Traced calls build it in the graph instead of reading the cache."""
-    if isinstance(a, float) and isinstance(b, float) and not torch.compiler.is_compiling():
-        return _cached_table(kind, a, b, param, x.shape[0], str(x.device))
+    ``b`` ([N] Tensors or floats), from the cache when both are floats or CPU tensors. Traced calls build
+    it in the graph instead of reading the cache."""
+    if not torch.compiler.is_compiling():
+        ka, kb = _cache_key(a, x.shape[0]), _cache_key(b, x.shape[0])
+        if ka is not None and kb is not None:
+            return _cached_table(kind, ka, kb, param, x.shape[0], str(x.device))
     return _TABLES[kind](_per_sample(a, x), _per_sample(b, x), param).to(x.device)
 
 
