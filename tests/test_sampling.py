@@ -101,3 +101,27 @@ def test_a_target_larger_than_the_sample_is_sampled_everywhere_and_only_then_nam
     ctx = Context(None, RunDir(run, writer=False), 0, "cpu", 1)
     probs = segmenter_probs(ctx, RunDir(run, writer=False).load("segmenter_0"), sample.images, "fp32", "check")
     assert stages["pseudo_label_1"]["marked_share"] == pytest.approx(marked_share(probs, 0.5), abs=0.01)
+
+
+def test_stage_growth_script_compares_stage_seconds(tiny_run, tmp_path, capsys):
+    """scripts/stage_growth.py: a run against itself is 1.00 on every stage and passes any limit >= 1;
+    stage seconds doubled by hand give 2.00 and fail --limit 1.5; a missing run is one line, exit 2."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("stage_growth", Path(__file__).parents[1] / "scripts" / "stage_growth.py")
+    growth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(growth)
+    assert growth.main([str(tiny_run), str(tiny_run), "--limit", "1.0"]) == 0
+    assert "largest stage ratio: 1.00" in capsys.readouterr().out
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    shutil.copy(tiny_run / "metrics.json", slow / "metrics.json")
+    stages = json.loads((tiny_run / "stages.json").read_text())
+    (slow / "stages.json").write_text(json.dumps({k: dict(v, seconds=2 * v["seconds"]) for k, v in stages.items()}))
+    assert growth.main([str(tiny_run), str(slow), "--limit", "1.5"]) == 1
+    assert "largest stage ratio: 2.00" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        growth.main([str(tmp_path / "none"), str(tiny_run)])
+    assert exc.value.code == 2 and "not found" in capsys.readouterr().err
