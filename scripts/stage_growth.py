@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, help="fail (exit 1) when a stage's ratio exceeds it")
     args = ap.parse_args(argv)
     ref, other = _load(args.reference, "stages.json"), _load(args.other, "stages.json")
-    rows, worst = [], (0.0, "")
+    worst = (0.0, "")
     print(f"| stage | {args.reference} s | {args.other} s | ratio | inference s (ratio) |")
     print("|---|---|---|---|---|")
     for stage in ref:
@@ -43,7 +43,6 @@ def main(argv=None) -> int:
         ia, ib = ref[stage].get("inference_seconds"), other[stage].get("inference_seconds")
         inf = f"{ia:.1f} -> {ib:.1f} ({ib / ia:.2f})" if ia and ib else ""
         print(f"| {stage} | {a:.1f} | {b:.1f} | {ratio:.2f} | {inf} |")
-        rows.append(ratio)
         worst = max(worst, (ratio, stage))
     pa = _load(args.reference, "metrics.json").get("profile", {})
     pb = _load(args.other, "metrics.json").get("profile", {})

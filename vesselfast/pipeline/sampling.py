@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -42,6 +42,13 @@ class TargetSample:
     @property
     def sampled(self) -> bool:
         return len(self.samples) < self.population
+
+    def info(self, **errors: float) -> Dict[str, float]:
+        """What stages.json keeps about the sample beside a stage's figures: nothing for a whole target,
+        else the sample's size and each sampling error given (rounded)."""
+        if not self.sampled:
+            return {}
+        return {"target_images_used": len(self.samples), **{k: round(v, 5) for k, v in errors.items()}}
 
     def describe(self) -> str:
         n = len(self.samples)

@@ -207,11 +207,12 @@ def segmenter_stage(ctx: Context, name: str, images: torch.Tensor, masks: torch.
                     model.head.bias += shift
                 info.update(calibration_prior=round(prior, 5), marked_share_before=round(before, 5),
                             logit_shift=round(shift, 4))
-                error = ""
-                if sample.sampled:  # how far the share it marks on all images may lie from the prior
-                    shifted = 1.0 / (1.0 + math.exp(shift - math.log(seg.threshold / (1.0 - seg.threshold))))
-                    info["marked_share_error"] = round(share_error(probs, sample.population, shifted), 5)
-                    error = f" +- {info['marked_share_error']:.4f} on all {sample.population} images"
+                # how far the share it marks on all images may lie from the prior: the share of the
+                # unshifted probabilities at the threshold moved back by the shift
+                unshifted = 1.0 / (1.0 + math.exp(shift - math.log(seg.threshold / (1.0 - seg.threshold))))
+                info.update(sample.info(marked_share_error=share_error(probs, sample.population, unshifted)))
+                error = (f" +- {info['marked_share_error']:.4f} on all {sample.population} images"
+                         if sample.sampled else "")
                 LOG.info(f"{name}: calibrated to vessel fraction {prior:.4f}{error} (was {before:.4f}, "
                          f"{sample.describe()}); logit shift {shift:+.3f}" + (f" ({note})" if note else ""))
         meta = {"preprocessing": preprocessing_spec("octa", clahe=view.data.clahe), "tile": seg.tile,
@@ -236,8 +237,7 @@ def vessel_fraction_stage(ctx: Context, anchor: Dict, sample: TargetSample) -> D
         LOG.info(f"baseline_histmatch on {sample.describe()}: marks {100 * figures['marked_share']:.2f}"
                  f"{pm('marked_share')}%, mean probability {100 * figures['mean_probability']:.2f}"
                  f"{pm('mean_probability')}%")
-        info = {**figures, **(dict(errors, target_images_used=len(sample.samples)) if sample.sampled else {})}
-        return {**figures, "_info": {k: round(v, 5) for k, v in info.items()}}
+        return {**figures, "_info": {**{k: round(v, 5) for k, v in figures.items()}, **sample.info(**errors)}}
     return ctx.cache.stage("vessel_fraction", ("segmenter.precision",) + sample.keys, ("data", "baseline_histmatch"),
                            compute)
 
@@ -253,10 +253,8 @@ def pseudo_label_stage(ctx: Context, name: str, labeller: Dict, labeller_name: s
         crops, masks, _ = random_crops(
             [Sample(s.name, s.image, lab, s.fov, s.source_path) for s, lab in zip(sample.samples, labels)],
             view.data.pool, view.data.crop, np.random.default_rng(ctx.stream(name)))
-        info = {"marked_share": marked_share(probs, labeller["threshold"])}
-        if sample.sampled:
-            info.update(marked_share_error=round(share_error(probs, sample.population, labeller["threshold"]), 5),
-                        target_images_used=len(sample.samples))
+        info = {"marked_share": marked_share(probs, labeller["threshold"]),
+                **sample.info(marked_share_error=share_error(probs, sample.population, labeller["threshold"]))}
         return {"images": torch.as_tensor(crops), "masks": torch.as_tensor(masks), "_info": info}
     return ctx.cache.stage(name, PSEUDO_LABEL_KEYS + sample.keys, ("data", labeller_name), compute)
 

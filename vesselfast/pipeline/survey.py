@@ -113,7 +113,6 @@ def survey_stage(ctx: Context, inputs: Inputs, sample: TargetSample) -> Dict[str
         info = {"source_calibres": {k: round(v, 4) for k, v in res.source_calibres.items()},
                 "target_calibre": round(res.target_calibre, 4), "marked_share": round(res.marked_share, 5),
                 "factors": {k: round(v, 4) for k, v in res.factors.items()}, "note": res.note}
-        if sample.sampled:  # sampling errors (standard errors, sampling.py) and the sample's size
-            info.update(target_images_used=len(sample.samples), **{k: round(v, 5) for k, v in errors.items()})
+        info.update(sample.info(**errors))  # sampling errors (standard errors, sampling.py) and the sample's size
         return {"factors": dict(res.factors), "_info": info}
     return dict(ctx.cache.stage("survey", SURVEY_KEYS + sample.keys, (), compute)["factors"])
