@@ -177,3 +177,30 @@ def timed(benchmark, fn, sync, rounds: int, warmup: int = 1):
         sync()
         return out
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
+def timed_with_floor(benchmark, fn, floor_fn, sync, rounds: int, warmup: int = 1):
+    """``timed`` with the floor measured in the same rounds: before every call of ``fn``, one call of
+    ``floor_fn`` (a copy moving the same bytes) is timed outside the benchmark's clock. The floor and the
+    op then see the same machine state (another tenant's memory traffic, clock, page placement), which a
+    copy row measured minutes later does not. Records in extra_info ``floor_s`` (median of the floor's
+    times) and ``floor_ratio`` (median over rounds of floor time / op time in that round)."""
+    rounds = int(os.environ.get("VESSELFAST_BENCH_ROUNDS") or rounds)
+    floor_times = []
+
+    def setup():
+        t0 = time.perf_counter()
+        floor_fn()
+        sync()
+        floor_times.append(time.perf_counter() - t0)
+
+    def call():
+        out = fn()
+        sync()
+        return out
+    benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    op_times = list(benchmark.stats.stats.data)
+    floors = floor_times[len(floor_times) - len(op_times):]  # the warm-up rounds' floors dropped
+    ratios = sorted(f / t for f, t in zip(floors, op_times) if t > 0)
+    benchmark.extra_info["floor_s"] = sorted(floors)[len(floors) // 2]
+    benchmark.extra_info["floor_ratio"] = ratios[len(ratios) // 2] if ratios else None

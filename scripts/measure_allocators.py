@@ -5,8 +5,9 @@
 
 Each configuration runs this file's workload in a fresh process (an allocator must be chosen before
 Python starts): generator inference at 128 px (batch 16), one 400 px segmenter image, a fused step op with
-a fresh 16M-element output, the vessel-weighted loss forward + backward at 16M, and a preallocated copy of
-4N floats (the bandwidth floor). Configurations whose library is not installed are skipped.
+a fresh 16M-element output, the vessel-weighted loss forward + backward at 16M, a preallocated copy of
+4N floats (the bandwidth floor), and the process's peak resident memory. Configurations whose library is
+not installed are skipped.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def workload() -> dict:
     src = torch.randn(2 * n)
     dst = torch.empty_like(src)
     out["copy 4N floats 16M"] = med(lambda: dst.copy_(src), r=20)
+    import resource
+    out["peak RSS (MB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
@@ -62,9 +65,11 @@ def configurations() -> dict:
 
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     base.update(VESSELFAST_ALLOCATOR="system")
-    tuned_no_huge = allocator.GLIBC_TUNABLES.replace(":glibc.malloc.hugetlb=1", "")
+    tuned_mmap = allocator.GLIBC_TUNABLES.replace(":glibc.malloc.mmap_max=0", "")
+    tuned_no_huge = tuned_mmap.replace(":glibc.malloc.hugetlb=1", "")
     cfgs = {"system": dict(base), "glibc-tuned (no huge pages)": dict(base, GLIBC_TUNABLES=tuned_no_huge),
-            "glibc-tuned + hugetlb": dict(base, GLIBC_TUNABLES=allocator.GLIBC_TUNABLES)}
+            "glibc-tuned + hugetlb, blocks > 32 MB mmap'd": dict(base, GLIBC_TUNABLES=tuned_mmap),
+            "glibc-tuned (default: + hugetlb, mmap_max=0)": dict(base, GLIBC_TUNABLES=allocator.GLIBC_TUNABLES)}
     mi, tc = allocator.find_mimalloc(), allocator.find_tcmalloc()
     if mi:
         cfgs["mimalloc"] = dict(base, LD_PRELOAD=mi)

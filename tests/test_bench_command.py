@@ -49,6 +49,18 @@ def test_summary_ratios_are_within_run():
     assert "ddim_step" in table and "1M" in table and "80" in table  # 80 % of the floor
 
 
+def test_paired_floor_wins_over_the_copy_row():
+    """A row that timed its floor beside it reports that ratio, not the copy row measured apart."""
+    raw = _raw()
+    cpu = next(b for b in raw["benchmarks"] if b["name"] == "ddim_step-cpu")
+    cpu["extra_info"].update(floor_s=0.0009, floor_ratio=0.93)
+    rows = bench.summarize(raw, "median")
+    row = next(r for r in rows if r["impl"] == "cpu")
+    assert row["floor"] == pytest.approx(0.93) and row["floor_time_s"] == pytest.approx(0.0009)
+    eager = next(r for r in rows if r["impl"] == "eager")
+    assert eager["floor"] == pytest.approx(0.08)  # no paired floor: the copy moving the same bytes
+
+
 def test_compare_flags_only_regressions(tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"rows": bench.summarize(_raw(0.001), "median")}))
@@ -148,6 +160,9 @@ def test_quick_run_of_every_group(tmp_path):
     evals = {r["impl"]: r["evals"] for r in data["rows"] if r["suite"] == "synthesis"}
     assert evals["ddpm_noise"] == 100 and evals["ddim_noise"] == 10  # quick mode: T = 100, 10 DDIM steps
     assert all(r["floor"] is not None for r in data["rows"] if r["suite"] == "ops")
+    # the fused rows timed their floor round by round beside them; the references did not
+    ops_rows = [r for r in data["rows"] if r["suite"] == "ops" and r["op"] != "copy"]
+    assert all((r["floor_ratio"] is not None) == (r["impl"] not in ("eager", "compile")) for r in ops_rows)
     assert data["machine"]["torch_threads"] >= 1 and data["machine"]["cpu_model"]
     assert "x ref" in res.stdout
 

@@ -147,8 +147,9 @@ def run_pytest(files: List[Path], raw_json: Path, args) -> int:
 def summarize(raw: dict, stat: str = "median") -> List[dict]:
     """Rows (one per benchmark with op/impl in extra_info) with time per unit, GB/s and the within-run
     ratios: ``vs_ref`` (reference time / time: the row with role "ref", else impl "eager", of the same
-    suite, op and size), ``vs_compile``, ``floor`` (floor time / time: the row with role "floor", else the
-    copy moving the same bytes)."""
+    suite, op and size), ``vs_compile``, ``floor`` (floor time / time: the median per-round ratio where the
+    benchmark timed its floor beside it, else the row with role "floor", else the copy moving the same
+    bytes)."""
     entries = []
     for b in raw.get("benchmarks", []):
         ex = b.get("extra_info", {})
@@ -157,7 +158,8 @@ def summarize(raw: dict, stat: str = "median") -> List[dict]:
         per_call = ex.get("per_call") or 1
         entries.append(dict(suite=ex.get("suite", "?"), op=ex["op"], impl=ex["impl"], numel=ex.get("numel"),
                             bytes=ex.get("bytes"), role=ex.get("role"), evals=ex.get("evals"),
-                            time_s=b["stats"][stat] / per_call, name=b.get("name")))
+                            time_s=b["stats"][stat] / per_call, name=b.get("name"),
+                            floor_s=ex.get("floor_s"), floor_ratio=ex.get("floor_ratio")))
     by_key = {(e["suite"], e["op"], e["numel"], e["impl"]): e for e in entries}
     by_role = {(e["suite"], e["op"], e["numel"], e["role"]): e for e in entries if e["role"]}
     copies = {(e["suite"], e["bytes"]): e for e in entries if e["op"] == "copy"}
@@ -173,8 +175,11 @@ def summarize(raw: dict, stat: str = "median") -> List[dict]:
         floor = by_role.get((*key, "floor")) or copies.get((e["suite"], e["bytes"]))
         row["vs_ref"] = ref["time_s"] / t if ref and t > 0 else None
         row["vs_compile"] = comp["time_s"] / t if comp and t > 0 else None
-        row["floor_time_s"] = floor["time_s"] if floor else None
-        row["floor"] = floor["time_s"] / t if floor and t > 0 else None
+        if e.get("floor_ratio") is not None:  # the floor measured round by round beside the op
+            row["floor_time_s"], row["floor"] = e["floor_s"], e["floor_ratio"]
+        else:
+            row["floor_time_s"] = floor["time_s"] if floor else None
+            row["floor"] = floor["time_s"] / t if floor and t > 0 else None
         rows.append(row)
     for e in entries:  # the copy floors themselves, for reference
         if e["op"] == "copy":
