@@ -130,6 +130,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "native_bf16": hardware.native_bf16_cpu()[0],
         "precision_auto": hardware.resolve_precision("auto", bench_device())[0],
         "cpu_isa": cpu_isa(),
+        "stream_store_bytes": mod.stream_store_bytes() if mod is not None and hasattr(mod, "stream_store_bytes") else None,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "vesselfast/cpu_dtype.h"
+
 TORCH_LIBRARY(vesselfast, m) {
   // Generic diffusion update (DDIM step, DDIM inversion step, DDPM ancestral step), see step_math.h.
   // coef: float32 [B, 6] per-sample coefficients. Returns (out, x0); x0 is empty unless need_x0.
@@ -32,4 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vesselfast compiled ops (registered as torch.ops.vesselfast.*)";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("openmp_threads", []() { return at::get_num_threads(); }, "threads the CPU kernels use");
+  m.def("stream_store_bytes", []() { return vesselfast::cpu::last_level_cache_bytes(); },
+        "the CPU kernels stream their float32 output past this many bytes moved per call (0: never)");
 }

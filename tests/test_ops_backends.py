@@ -509,3 +509,41 @@ def test_cpu_conversions_bit_exact_with_torch(isa, dtype, monkeypatch):
         same = ((out.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(out) & torch.isnan(want))
                 | ((out == 0) & (want == 0)))
         assert same.all(), (d, x[~same][:5], out[~same][:5], want[~same][:5])
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_streaming_stores_match_the_cached_path_bit_for_bit(isa, monkeypatch):
+    """Outputs larger than the last-level cache reach memory through non-temporal stores in 512-element
+    blocks (cpu_dtype.h ``streamed``): the head up to a 64-byte line, the blocks and the tail must give
+    exactly the cached path's numbers, for an output that starts mid-line and ragged sample lengths."""
+    monkeypatch.setenv("VESSELFAST_CPU_ISA", isa)
+    shape = (3, 1, 41, 67)  # 2747 per sample: blocks straddle samples, ragged tails
+    gen, x, eps, z = make_inputs(shape, torch.float32, seed=23)
+    t = timesteps(gen, shape[0])
+    n = x.numel()
+    backing = torch.empty(n + 5)
+    out = backing[5:].view(shape)  # 20 bytes past a 64-byte line
+    assert out.data_ptr() % 64 != 0
+    coefs = [ds.ddim_coefficients(abar_at(t), abar_at(t - 7), 0.0),
+             ds.ddpm_coefficients(abar_at(t), abar_at(t - 1), "fixed_large")]
+    for coef, noise in zip(coefs, (None, z)):
+        got = {}
+        for stream in ("0", "1"):
+            monkeypatch.setenv("VESSELFAST_STREAM_STORES", stream)
+            out.fill_(float("nan"))
+            torch.ops.vesselfast.diffusion_step_out(x, eps, coef, noise, True, out)
+            got[stream] = out.clone()
+            fresh, _ = torch.ops.vesselfast.diffusion_step(x, eps, coef, noise, True, False)
+            assert torch.equal(fresh, got[stream])
+        assert not torch.isnan(got["1"]).any()
+        assert torch.equal(got["0"], got["1"])
+    e, hat, w, g = loss_inputs(shape, torch.float32, seed=24)
+    grads = {}
+    for stream in ("0", "1"):
+        monkeypatch.setenv("VESSELFAST_STREAM_STORES", stream)
+        _, sum_w = torch.ops.vesselfast.vessel_noise_loss_fwd(e, hat, w)
+        grads[stream] = torch.ops.vesselfast.vessel_noise_loss_bwd(g.float(), e, hat, w, sum_w)
+    assert torch.equal(grads["0"], grads["1"])
+    _, want_grad = loss_reference64(e, hat, w, g)
+    assert_close(grads["1"], want_grad, torch.float32, f"loss grad streamed [cpu/{isa}]")

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "vesselfast/checks.h"
 
 // After the torch headers: applies to the kernels below only. Lets GCC if-convert float selects (clip,
@@ -48,13 +50,36 @@ struct Update {
     loop(x, eps, z, out, x0, c, b, e);
   }
 #endif
-  static void range(cpu::Isa isa, const S* x, const S* eps, const S* z, S* out, S* x0, const StepCoef& c,
-                    int64_t b, int64_t e) {
 #if VF_X86_DISPATCH
+  // Float32 without x0 only: the loop in blocks whose results reach `out` through non-temporal stores
+  // (cpu::streamed). Chosen when the call moves more bytes than the last-level cache holds
+  // (cpu::stream_stores_pay), where `out` cannot stay cached for its next reader anyway.
+  static constexpr bool kCanStream = std::is_same<S, float>::value && !X0;
+  __attribute__((always_inline)) static inline void block(const S* x, const S* eps, const S* z, const StepCoef& c,
+                                                          int64_t i, int64_t n, S* dst) {
+    loop(x + i, eps + i, NOISE ? z + i : z, dst, nullptr, c, 0, n);
+  }
+  VF_TARGET_AVX2 static void avx2_nt(const S* x, const S* eps, const S* z, S* out, const StepCoef& c, int64_t b,
+                                     int64_t e) {
+    cpu::streamed<cpu::Isa::kAvx2, Update>(out, b, e, x, eps, z, c);
+  }
+  VF_TARGET_AVX512 static void avx512_nt(const S* x, const S* eps, const S* z, S* out, const StepCoef& c,
+                                         int64_t b, int64_t e) {
+    cpu::streamed<cpu::Isa::kAvx512, Update>(out, b, e, x, eps, z, c);
+  }
+#endif
+  static void range(cpu::Isa isa, bool stream, const S* x, const S* eps, const S* z, S* out, S* x0,
+                    const StepCoef& c, int64_t b, int64_t e) {
+#if VF_X86_DISPATCH
+    if constexpr (kCanStream) {
+      if (stream && isa == cpu::Isa::kAvx512) return avx512_nt(x, eps, z, out, c, b, e);
+      if (stream && isa == cpu::Isa::kAvx2) return avx2_nt(x, eps, z, out, c, b, e);
+    }
     if (isa == cpu::Isa::kAvx512) return avx512(x, eps, z, out, x0, c, b, e);
     if (isa == cpu::Isa::kAvx2) return avx2(x, eps, z, out, x0, c, b, e);
 #endif
     (void)isa;
+    (void)stream;
     generic(x, eps, z, out, x0, c, b, e);
   }
 };
@@ -71,6 +96,9 @@ void run(const at::Tensor& x, const at::Tensor& eps, const at::Tensor* noise, co
   S* x0p = X0 ? static_cast<S*>(x0.data_ptr()) : nullptr;
   const float* cp = coef.data_ptr<float>();
   const cpu::Isa isa = cpu::active_isa();
+  // bytes of the pass: x, eps (and the noise) read, out written
+  const int64_t moved = x.numel() * static_cast<int64_t>(sizeof(S)) * (NOISE ? 4 : 3);
+  const bool stream = cpu::stream_stores_pay(moved);
   at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     // The range may straddle samples: walk it one sample segment at a time.
     for (int64_t i = begin; i < end;) {
@@ -78,7 +106,7 @@ void run(const at::Tensor& x, const at::Tensor& eps, const at::Tensor* noise, co
       const int64_t seg_end = std::min(end, (b + 1) * per_sample);
       const float* cb = cp + b * kNumStepCoef;
       const StepCoef c{cb[0], cb[1], cb[2], cb[3], cb[4], cb[5]};
-      Update<C, CLIP, USE_EPS, NOISE, X0>::range(isa, xp, ep, zp, op, x0p, c, i, seg_end);
+      Update<C, CLIP, USE_EPS, NOISE, X0>::range(isa, stream, xp, ep, zp, op, x0p, c, i, seg_end);
       i = seg_end;
     }
   });

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "vesselfast/checks.h"
@@ -84,6 +85,21 @@ struct Loops {
                                            int64_t b, int64_t x) {
     grad_body(e, h, w, g, m, n, s, b, x);
   }
+  // Float32 gradients larger than the last-level cache: the same body in blocks streamed to `g`
+  // (cpu::streamed; see diffusion_step_cpu.cpp).
+  static constexpr bool kCanStream = std::is_same<S, float>::value;
+  __attribute__((always_inline)) static inline void block(const S* e, const S* h, const S* w, float m, float n,
+                                                          float s, int64_t i, int64_t cnt, S* dst) {
+    grad_body(e + i, h + i, W ? w + i : w, dst, m, n, s, 0, cnt);
+  }
+  VF_TARGET_AVX2 static void grad_avx2_nt(const S* e, const S* h, const S* w, S* g, float m, float n, float s,
+                                          int64_t b, int64_t x) {
+    cpu::streamed<cpu::Isa::kAvx2, Loops>(g, b, x, e, h, w, m, n, s);
+  }
+  VF_TARGET_AVX512 static void grad_avx512_nt(const S* e, const S* h, const S* w, S* g, float m, float n, float s,
+                                              int64_t b, int64_t x) {
+    cpu::streamed<cpu::Isa::kAvx512, Loops>(g, b, x, e, h, w, m, n, s);
+  }
 #endif
   static Sums reduce(cpu::Isa isa, const S* e, const S* h, const S* w, int64_t b, int64_t x) {
 #if VF_X86_DISPATCH
@@ -93,13 +109,18 @@ struct Loops {
     (void)isa;
     return reduce_generic(e, h, w, b, x);
   }
-  static void grad(cpu::Isa isa, const S* e, const S* h, const S* w, S* g, float m, float n, float s, int64_t b,
-                   int64_t x) {
+  static void grad(cpu::Isa isa, bool stream, const S* e, const S* h, const S* w, S* g, float m, float n, float s,
+                   int64_t b, int64_t x) {
 #if VF_X86_DISPATCH
+    if constexpr (kCanStream) {
+      if (stream && isa == cpu::Isa::kAvx512) return grad_avx512_nt(e, h, w, g, m, n, s, b, x);
+      if (stream && isa == cpu::Isa::kAvx2) return grad_avx2_nt(e, h, w, g, m, n, s, b, x);
+    }
     if (isa == cpu::Isa::kAvx512) return grad_avx512(e, h, w, g, m, n, s, b, x);
     if (isa == cpu::Isa::kAvx2) return grad_avx2(e, h, w, g, m, n, s, b, x);
 #endif
     (void)isa;
+    (void)stream;
     grad_generic(e, h, w, g, m, n, s, b, x);
   }
 };
@@ -155,6 +176,8 @@ void backward(const at::Tensor& grad, const at::Tensor& eps, const at::Tensor& e
   const float* g = grad.data_ptr<float>();
   const float* swp = sum_w.data_ptr<float>();
   const cpu::Isa isa = cpu::active_isa();
+  // bytes of the pass: eps, eps_hat (and w) read, the gradient written
+  const bool stream = cpu::stream_stores_pay(eps.numel() * static_cast<int64_t>(sizeof(T)) * (W ? 4 : 3));
   at::parallel_for(0, eps.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / n, seg_end = std::min(end, (b + 1) * n);
@@ -162,7 +185,7 @@ void backward(const at::Tensor& grad, const at::Tensor& eps, const at::Tensor& e
       const float m2g = -2.f * g[b];
       const float inv_n_half = 0.5f / static_cast<float>(n);
       const float inv_wsum1 = 1.f / (swp[b] + 1.f);
-      Loops<C, W>::grad(isa, ep, hp, wp, gp, m2g, inv_n_half, inv_wsum1, i, seg_end);
+      Loops<C, W>::grad(isa, stream, ep, hp, wp, gp, m2g, inv_n_half, inv_wsum1, i, seg_end);
       i = seg_end;
     }
   });

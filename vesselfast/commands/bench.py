@@ -144,6 +144,13 @@ def run_pytest(files: List[Path], raw_json: Path, args) -> int:
 # ------------------------------------------------------------------------------------------------
 # Summary: rows with ratios measured in the same run
 # ------------------------------------------------------------------------------------------------
+def _streaming(nbytes) -> str:
+    """The kernels' streaming-store threshold as the machine line shows it ('' when not recorded)."""
+    if nbytes is None:
+        return ""
+    return f", streaming stores past {nbytes / 2**20:.0f} MB" if nbytes > 0 else ", no streaming stores"
+
+
 def summarize(raw: dict, stat: str = "median") -> List[dict]:
     """Rows (one per benchmark with op/impl in extra_info) with time per unit, GB/s and the within-run
     ratios: ``vs_ref`` (reference time / time: the row with role "ref", else impl "eager", of the same
@@ -316,7 +323,7 @@ def run(args) -> int:
     alloc = ", ".join(f"{k}={v}" for k, v in (mi.get("allocator_env") or {}).items()) or "system malloc"
     print(f"machine: {mi.get('cpu_model')} (torch {mi.get('cpu_capability')}, native BF16 "
           f"{'yes' if mi.get('native_bf16') else 'no'}, precision auto = {mi.get('precision_auto')}, "
-          f"{mi.get('cpu_isa')} loops), {mi.get('torch_threads')} threads,"
+          f"{mi.get('cpu_isa')} loops{_streaming(mi.get('stream_store_bytes'))}), {mi.get('torch_threads')} threads,"
           f" torch {mi.get('torch')}, device {mi.get('device')}{', GPU ' + mi['gpu'] if mi.get('gpu') else ''},"
           f" {alloc}")
     print(format_table(rows, args.stat))

@@ -82,7 +82,10 @@ struct F16 {
 // ------------------------------------------------------------------------------------------------
 #include <cstdlib>
 
+#include <cstdio>
+
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #define VF_X86_DISPATCH 1
 #define VF_TARGET_AVX2 __attribute__((target("avx2,f16c")))
 #define VF_TARGET_AVX512 \
@@ -123,6 +126,82 @@ inline Isa active_isa() {
   }
   return isa;
 }
+
+// Non-temporal (streaming) stores for outputs larger than the last-level cache. Whether they pay is a
+// property of the machine, read from it: the call must move more bytes than one instance of the
+// last-level cache (Linux sysfs, cpu0's highest cache level: 32 MB on a Zen 4 / Zen 5 CCD; never when
+// it cannot be read). glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) is not used: on an EPYC guest it reports
+// the whole package's L3 (320 MB), ten times what one core's loads can hit.
+// VESSELFAST_STREAM_STORES=0 / 1 forces the choice off / on (tests of both paths, benchmarks).
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    int best_level = 0;
+    for (int index = 0; index < 16; ++index) {
+      char path[96];
+      int level = 0;
+      std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", index);
+      if (FILE* f = std::fopen(path, "r")) {
+        if (std::fscanf(f, "%d", &level) != 1) level = 0;
+        std::fclose(f);
+      } else {
+        break;
+      }
+      std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+      long long size = 0;
+      char unit = 0;
+      if (FILE* f = std::fopen(path, "r")) {
+        if (std::fscanf(f, "%lld%c", &size, &unit) < 1) size = 0;
+        std::fclose(f);
+      }
+      if (unit == 'K') size <<= 10;
+      else if (unit == 'M') size <<= 20;
+      if (level > best_level && size > 0) best_level = level, best = size;
+    }
+    return best;
+  }();
+  return bytes;
+}
+
+inline bool stream_stores_pay(int64_t bytes_moved) {
+  if (const char* env = std::getenv("VESSELFAST_STREAM_STORES")) {
+    if (std::strcmp(env, "0") == 0) return false;
+    if (std::strcmp(env, "1") == 0) return true;
+  }
+  const int64_t llc = last_level_cache_bytes();
+  return llc > 0 && bytes_moved > llc;
+}
+
+#if VF_X86_DISPATCH
+// n a multiple of the vector width, dst 64-byte aligned, src aligned likewise.
+VF_TARGET_AVX2 inline void stream_avx2(float* dst, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; j += 8) _mm256_stream_ps(dst + j, _mm256_load_ps(src + j));
+}
+VF_TARGET_AVX512 inline void stream_avx512(float* dst, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) _mm512_stream_ps(dst + j, _mm512_load_ps(src + j));
+}
+
+// Fills out[b, e) with K::block(args..., i, n, dst), which writes elements [i, i + n) to dst[0, n): the
+// head (up to a 64-byte line of `out`) and the tail straight into `out`, every whole kStreamBlock in
+// between into an aligned stack buffer that is then streamed to `out` (no read-for-ownership of the
+// output lines). Inline it into a VF_TARGET_* function so that K::block (always_inline) is compiled for
+// that instruction set; ends with a store fence, so the parallel region's barrier orders the stores.
+constexpr int64_t kStreamBlock = 512;  // 2 KB of float32: stays in L1
+template <Isa I, typename K, typename... A>
+__attribute__((always_inline)) inline void streamed(float* out, int64_t b, int64_t e, const A&... args) {
+  int64_t i = b;
+  while (i < e && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0) ++i;
+  if (i > b) K::block(args..., b, i - b, out + b);
+  alignas(64) float buf[kStreamBlock];
+  for (; i + kStreamBlock <= e; i += kStreamBlock) {
+    K::block(args..., i, kStreamBlock, buf);
+    if constexpr (I == Isa::kAvx512) stream_avx512(out + i, buf, kStreamBlock);
+    else stream_avx2(out + i, buf, kStreamBlock);
+  }
+  if (i < e) K::block(args..., i, e - i, out + i);
+  _mm_sfence();
+}
+#endif
 
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : (isa == Isa::kAvx2 ? "avx2" : "generic");
