@@ -4,15 +4,20 @@
 activations, the loss, AdamW, EMA, data and augmentation) and by operator.
 
     python scripts/profile_generator_step.py [--preset real-cpu] [--precision bf16] [--steps 20] [--threads 2]
+                                             [--onednn]
 
 Prints the machine, the mean step time outside the profiler, and two tables (self CPU time). Percentages
-are the numbers to read; absolute times are only meaningful on a quiet machine.
+are the numbers to read; absolute times are only meaningful on a quiet machine. ``--onednn`` adds a third:
+oneDNN's own execution times per primitive kind and implementation (its verbose mode, one step), where
+the memory-layout reorders around each convolution show, which torch.profiler counts inside the
+convolution ops.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import collections
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +59,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--crop", type=int, default=None, help="crop size (default: the preset's)")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--onednn", action="store_true", help="also oneDNN's per-primitive times (verbose mode)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = resolve(args.preset, overrides={"generator": {"precision": args.precision}})
@@ -87,7 +93,40 @@ def main() -> int:
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         print(f"  {e.key[:44]:<44} {e.self_cpu_time_total / 1e3 / args.steps:8.2f} ms  "
               f"{100 * e.self_cpu_time_total / total:5.1f} %  calls/step {e.count / args.steps:6.1f}")
+    if args.onednn:
+        onednn_table(lambda: train_generator(model, images, masks, 1, gcfg, sched, seed=0))
     return 0
+
+
+def onednn_table(one_step) -> None:
+    """oneDNN's verbose lines of one step (printed by the library to the process's stdout), summed by
+    (primitive, implementation, propagation kind)."""
+    sys.stdout.flush()
+    saved, (read_fd, write_fd) = os.dup(1), os.pipe()
+    os.dup2(write_fd, 1)
+    try:
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            one_step()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(write_fd)
+    with os.fdopen(read_fd) as fh:
+        lines = [ln.strip().split(",") for ln in fh if ln.startswith("onednn_verbose") and ",exec," in ln]
+    sums = collections.defaultdict(lambda: [0, 0.0])
+    for f in lines:
+        i = f.index("exec")
+        try:
+            ms = float(f[-1])
+        except ValueError:
+            continue
+        key = (f[i + 2], f[i + 3], f[i + 4])
+        sums[key][0] += 1
+        sums[key][1] += ms
+    total = sum(ms for _, ms in sums.values())
+    print(f"\noneDNN primitives, one step ({total:.1f} ms inside oneDNN)")
+    for (prim, impl, prop), (count, ms) in sorted(sums.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {prim:<12} {impl:<34} {prop:<17} {ms:8.2f} ms  {100 * ms / total:5.1f} %  calls {count}")
 
 
 if __name__ == "__main__":
