@@ -18,6 +18,7 @@ import argparse
 import collections
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,25 +95,28 @@ def main() -> int:
         print(f"  {e.key[:44]:<44} {e.self_cpu_time_total / 1e3 / args.steps:8.2f} ms  "
               f"{100 * e.self_cpu_time_total / total:5.1f} %  calls/step {e.count / args.steps:6.1f}")
     if args.onednn:
-        onednn_table(lambda: train_generator(model, images, masks, 1, gcfg, sched, seed=0))
+        onednn_table(lambda: train_generator(model, images, masks, 1, gcfg, sched, seed=0), args.steps)
     return 0
 
 
-def onednn_table(one_step) -> None:
-    """oneDNN's verbose lines of one step (printed by the library to the process's stdout), summed by
-    (primitive, implementation, propagation kind)."""
+def onednn_table(one_step, steps: int) -> None:
+    """oneDNN's verbose lines of ``steps`` steps (printed by the library to the process's stdout), summed by
+    (primitive, implementation, propagation kind) and divided by ``steps``."""
     sys.stdout.flush()
-    saved, (read_fd, write_fd) = os.dup(1), os.pipe()
-    os.dup2(write_fd, 1)
-    try:
-        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-            one_step()
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(write_fd)
-    with os.fdopen(read_fd) as fh:
-        lines = [ln.strip().split(",") for ln in fh if ln.startswith("onednn_verbose") and ",exec," in ln]
+    # a file, not a pipe: one step writes more than a pipe's buffer, and nobody would read it meanwhile
+    with tempfile.TemporaryFile("w+") as log:
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                for _ in range(steps):
+                    one_step()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = [ln.strip().split(",") for ln in log if ln.startswith("onednn_verbose") and ",exec," in ln]
     sums = collections.defaultdict(lambda: [0, 0.0])
     for f in lines:
         i = f.index("exec")
@@ -124,9 +128,10 @@ def onednn_table(one_step) -> None:
         sums[key][0] += 1
         sums[key][1] += ms
     total = sum(ms for _, ms in sums.values())
-    print(f"\noneDNN primitives, one step ({total:.1f} ms inside oneDNN)")
+    print(f"\noneDNN primitives, per step over {steps} steps ({total / steps:.1f} ms inside oneDNN)")
     for (prim, impl, prop), (count, ms) in sorted(sums.items(), key=lambda kv: -kv[1][1])[:12]:
-        print(f"  {prim:<12} {impl:<34} {prop:<17} {ms:8.2f} ms  {100 * ms / total:5.1f} %  calls {count}")
+        print(f"  {prim:<12} {impl:<34} {prop:<17} {ms / steps:8.2f} ms  {100 * ms / total:5.1f} %  "
+              f"calls/step {count / steps:g}")
 
 
 if __name__ == "__main__":
