@@ -9,7 +9,12 @@ prior). For saved segmenters of a finished run, on the run's target *training* i
 The truth is the labelled share of the target's val + test images (train labels stay unread, as
 everywhere); the same estimators on the test images are compared with their own labels too.
 
-    python scripts/measure_vessel_fraction.py runs/real [--stages baseline_histmatch segmenter_0 ...]
+``--source-ratio``: also the anchor's mean probability and marked share over the labelled share on
+held-out *source* images (each source folder's ``test`` split at the run's rescale factor, its field of
+view histogram-matched to a random target training image), and the anchor's target figures divided by
+that ratio (label-free on the target; rejected, docs/PIPELINE.md "The vessel-fraction estimate").
+
+    python scripts/measure_vessel_fraction.py runs/real [--stages baseline_histmatch segmenter_0 ...] [--source-ratio]
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
     ap.add_argument("--stages", nargs="*", default=["baseline_histmatch", "baseline", "segmenter_0"])
+    ap.add_argument("--source-ratio", action="store_true", help="the held-out source correction (see the docstring)")
     args = ap.parse_args(argv)
 
     import yaml
@@ -60,7 +66,46 @@ def main(argv=None) -> int:
             a, b = fn(p_train), fn(p_test)
             print(f"| {stage} | {name} | {100 * a:.2f} % | {100 * (a / truth - 1):+.1f} % | {100 * b:.2f} % | "
                   f"{100 * (b / test_truth - 1):+.1f} % |")
+    if args.source_ratio:
+        source_ratio(cfg, run, ctx, [s.image for s in train], truth)
     return 0
+
+
+def source_ratio(cfg, run, ctx, target_images, truth) -> None:
+    """Prints, per source folder and pooled (weighted by images), the anchor's figure / labelled share on
+    the folder's held-out test images, and the anchor's target figures divided by the pooled ratio."""
+    from vesselfast.pipeline.baselines import histogram_match
+    from vesselfast.pipeline.inputs import load_samples
+    from vesselfast.pipeline.stages import segmenter_probs
+
+    factors, anchor = run.load("survey")["factors"], run.load("baseline_histmatch")
+    figures = run.load("vessel_fraction")
+    rng = np.random.default_rng(0)
+    ratios = {"mean_prob": [], "marked": []}
+    weights = []
+    print("| source folder (test split) | images | factor | labelled share | anchor mean prob (ratio) | anchor marks (ratio) |")
+    print("|---|---|---|---|---|---|")
+    for folder in cfg.data.source:
+        held = load_samples(cfg, [folder], "source", "test", True, [factors[folder]], cfg.seed)
+        images = []
+        for s in held:
+            im = s.image.copy()
+            im[s.fov] = histogram_match(s.image[s.fov], target_images[int(rng.integers(len(target_images)))])
+            images.append(im)
+        probs = segmenter_probs(ctx, anchor, images, "fp32", "held-out source")
+        label = float(np.mean(np.concatenate([s.mask[s.fov].ravel() > 0 for s in held])))
+        mean_prob = float(np.mean(np.concatenate([p[s.fov] for p, s in zip(probs, held)])))
+        marked = float(np.mean(np.concatenate([p[s.fov] >= anchor["threshold"] for p, s in zip(probs, held)])))
+        ratios["mean_prob"].append(mean_prob / label)
+        ratios["marked"].append(marked / label)
+        weights.append(len(held))
+        print(f"| {folder} | {len(held)} | {factors[folder]:.3f} | {100 * label:.2f} % | {100 * mean_prob:.2f} % "
+              f"({mean_prob / label:.3f}) | {100 * marked:.2f} % ({marked / label:.3f}) |")
+    for name, key in (("mean_prob", "mean_probability"), ("marked", "marked_share")):
+        ratio = float(np.average(ratios[name], weights=weights))
+        estimate = figures[key] / ratio
+        print(f"corrected {name}: {100 * figures[key]:.2f} % / {ratio:.3f} = {100 * estimate:.2f} % "
+              f"({100 * (estimate / truth - 1):+.1f} % against the val + test labels)")
 
 
 if __name__ == "__main__":
