@@ -4,7 +4,9 @@ OCTA-500 3M test images and labels (3 mm / 304 px, 9.87 um/px) are resized by ea
 x0.667 (203 px) has the pixel size of a 4.5 mm scan of 304 px (14.8 um/px, vessels 1.5x thinner in
 pixels), x1.5 (456 px) that of a 2 mm scan (6.6 um/px, vessels wider). The model segments them as they are
 and with ``pixel_size_um`` given (each image resized to the model's pixel size, the map back), and DSC / AUC
-are measured against the resized labels; the original test images give the reference row.
+are measured against the resized labels; the original test images give the reference row. The last
+column counts the images the quality flag marks for a look (docs/MODEL_CARD.md), taken as `segment` takes
+it: on the map at the model's pixel size.
 
     python scripts/pixel_size_check.py [--model seg.onnx] [--data ../shared/data/octa/OCTA-500_3M]
 """
@@ -18,6 +20,8 @@ from vesselfast.data import load_domain
 from vesselfast.data.calibre import mean_width
 from vesselfast.data.io import read_image
 from vesselfast.export import Segmenter
+from vesselfast.export.files import probability_map
+from vesselfast.export.quality import quality_flags
 from vesselfast.metrics import evaluate_images
 
 
@@ -39,13 +43,17 @@ def main():
 
     def score(name, images, masks, px):
         t = time.perf_counter()
-        probs = [seg.predict(im, pixel_size_um=px) for im in images]
+        scale = px / seg.pixel_size_um if px else 1.0
+        tile, stride = seg.window(None, None)
+        pairs = [probability_map(seg.batch_fn, seg.meta, im, tile, stride, 8, scale, model_scale=True) for im in images]
+        probs = [prob for prob, _ in pairs]
         res = evaluate_images(probs, masks, [np.ones(m.shape, bool) for m in masks], seg.threshold)
         sec = time.perf_counter() - t
         width = float(np.nanmean([mean_width(q >= seg.threshold) for q in probs]))
         rows.append((name, res["dsc"], res["auc"], float(np.mean([(q >= seg.threshold).mean() for q in probs])),
                      float(np.mean([m.mean() for m in masks])), width, float(np.nanmean([mean_width(m) for m in masks])),
-                     sec))
+                     sec, sum(quality_flags(at_model, seg.threshold, seg.meta.get("quality_reference"))["quality"]
+                              == "check" for _, at_model in pairs), len(images)))
 
     score(f"original 3 mm scans, {native:.2f} um/px", raws, [s.mask for s in test], None)
     for factor in args.factors:
@@ -57,11 +65,11 @@ def main():
         score(f"x{factor:.3g} ({images[0].shape[1]} px, {px:.2f} um/px), no --pixel-size", images, labels, None)
         score(f"x{factor:.3g}, --pixel-size {px:.2f}", images, labels, px)
     print(f"model {args.model}; {len(test)} OCTA-500 3M test images, as they are and resized")
-    print("| images | DSC | AUC | marked share | label share | marked width px | label width px | seconds |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for name, dsc, auc, marked, share, width, label_width, sec in rows:
+    print("| images | DSC | AUC | marked share | label share | marked width px | label width px | seconds | flagged |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for name, dsc, auc, marked, share, width, label_width, sec, flagged, n in rows:
         print(f"| {name} | {dsc:.4f} | {auc:.4f} | {marked:.4f} | {share:.4f} | {width:.2f} | {label_width:.2f} | "
-              f"{sec:.1f} |")
+              f"{sec:.1f} | {flagged} / {n} |")
 
 
 if __name__ == "__main__":
