@@ -1,5 +1,4 @@
 """Built-in synthetic domains: determinism, speed, label properties, preprocessing like real fundus."""
-import time
 
 import numpy as np
 import pytest
@@ -22,18 +21,6 @@ def test_deterministic_by_seed_and_independent_of_n():
     assert np.array_equal(t[0].image, builtin_domain("target", "test", 1, 96, seed=5)[0].image)
     # splits are different streams
     assert not np.array_equal(builtin_domain("target", "val", 1, 96, 5)[0].image, t[0].image)
-
-
-def test_speed_well_under_budget():
-    synth_fundus(sample_rng(0, "source", "train", 0), 256)  # warm-up (imports)
-    synth_octa(sample_rng(0, "target", "train", 0), 256)
-    t0 = time.perf_counter()
-    for i in range(5):
-        synth_fundus(sample_rng(0, "source", "train", i), 256)
-        synth_octa(sample_rng(0, "target", "train", i), 256)
-    per_pair = (time.perf_counter() - t0) / 5
-    # ~0.025 s measured on one core; loose bound because the machine is shared
-    assert per_pair < 0.1, per_pair
 
 
 def test_label_properties_and_comparable_calibre():
