@@ -1,4 +1,4 @@
-"""Built-in synthetic domains: determinism, speed, label properties, preprocessing like real fundus."""
+"""Built-in synthetic domains: determinism, label properties, preprocessing like real fundus."""
 
 import numpy as np
 import pytest
