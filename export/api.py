@@ -162,15 +162,16 @@ class Segmenter:
         return apply_spec(self.meta["preprocessing"], raw)[0]
 
     def predict(self, raw: np.ndarray, pixel_size_um: Optional[float] = None, tile: Optional[int] = None,
-                stride: Optional[int] = None, batch_size: int = 8) -> np.ndarray:
+                stride: Optional[int] = None, batch_size: int = 8, model_scale: bool = False):
         """Raw uint8 image (as read from disk) -> vessel probability [H, W] at the image's size.
         ``pixel_size_um`` (the image's micrometres per pixel): resize it to the model's pixel size first
-        and the probabilities back (no rescale when either is unknown)."""
+        and the probabilities back (no rescale when either is unknown). ``model_scale``: return (that map,
+        the map at the model's pixel size), the one the quality flag is taken on."""
         from vesselfast.export.files import probability_map
 
         scale = pixel_size_um / self.pixel_size_um if pixel_size_um and self.pixel_size_um else 1.0
         tile, stride = self.window(tile, stride)
-        return probability_map(self.batch_fn, self.meta, raw, tile, stride, batch_size, scale)
+        return probability_map(self.batch_fn, self.meta, raw, tile, stride, batch_size, scale, model_scale)
 
     def segment_files(self, inputs: List[str], out: str, tile: Optional[int] = None, stride: Optional[int] = None,
                       batch_size: int = 8, progress: bool = True, overlay: bool = False,

@@ -20,7 +20,6 @@ from vesselfast.data import load_domain
 from vesselfast.data.calibre import mean_width
 from vesselfast.data.io import read_image
 from vesselfast.export import Segmenter
-from vesselfast.export.files import probability_map
 from vesselfast.export.quality import quality_flags
 from vesselfast.metrics import evaluate_images
 
@@ -43,9 +42,7 @@ def main():
 
     def score(name, images, masks, px):
         t = time.perf_counter()
-        scale = px / seg.pixel_size_um if px else 1.0
-        tile, stride = seg.window(None, None)
-        pairs = [probability_map(seg.batch_fn, seg.meta, im, tile, stride, 8, scale, model_scale=True) for im in images]
+        pairs = [seg.predict(im, pixel_size_um=px, model_scale=True) for im in images]
         probs = [prob for prob, _ in pairs]
         res = evaluate_images(probs, masks, [np.ones(m.shape, bool) for m in masks], seg.threshold)
         sec = time.perf_counter() - t

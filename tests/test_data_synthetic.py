@@ -6,7 +6,7 @@ from scipy.ndimage import binary_dilation
 
 from vesselfast.data import builtin_domain, preprocess_source, preprocess_target
 from vesselfast.data.calibre import mean_width
-from vesselfast.data.synthetic import raw_pair, sample_rng, synth_fundus, synth_octa
+from vesselfast.data.synthetic import raw_pair
 
 
 def test_deterministic_by_seed_and_independent_of_n():
