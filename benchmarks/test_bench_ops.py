@@ -23,12 +23,16 @@ gradient tensor per call), so every loss row, the eager one included, allocates 
 allocator decides what that costs (docs/ALLOCATOR.md).
 Bytes an op must move (float32): ddim_step (eta = 0) and ddim_inverse_step read x, eps and write out (3N*4);
 ddpm_step also reads the noise (4N*4); vessel_noise_loss forward + backward reads eps, eps_hat, w twice
-and writes the gradient (7N*4). ``extra_info`` records op, impl, numel and bytes for ``vesselfast bench``.
+and writes the gradient (7N*4); group_norm_act (norm, per-sample affine, SiLU; channels_last [8, 64, H, W])
+forward + backward reads x, writes y, reads x and the output gradient, writes dx (5N*4). Its ``eager`` row
+is the reference on the same channels_last tensor (ATen's group norm in that layout), and ``nchw`` is
+ATen's group norm and SiLU on an NCHW copy: what a network kept in NCHW pays. ``extra_info`` records op, impl, numel and bytes for ``vesselfast bench``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import QUICK, bench_device, bench_sizes, record, rounds_for, timed, timed_with_floor, with_compile
 
@@ -50,7 +54,8 @@ RAW_IMPLS = [] if QUICK else [f"{b}-kernel" for b in KERNEL_IMPLS if b in ("cpu"
 IMPLS = ["eager"] + (["compile"] if with_compile() else []) + ["auto"] + KERNEL_IMPLS + RAW_IMPLS
 STEP_IMPLS = IMPLS[:IMPLS.index("auto") + 1] + ["auto-scalar"] + IMPLS[IMPLS.index("auto") + 1:]
 # tensors of N float32 each that the op must read or write
-TENSORS = {"ddim_step": 3, "ddim_inverse_step": 3, "ddpm_step": 4, "vessel_noise_loss": 7}
+TENSORS = {"ddim_step": 3, "ddim_inverse_step": 3, "ddpm_step": 4, "vessel_noise_loss": 7, "group_norm_act": 5}
+GN_CHANNELS, GN_GROUPS = 64, 16
 
 
 def _shape(numel):
@@ -128,6 +133,29 @@ def _loss_callable(impl, numel):
     return run
 
 
+def _group_norm_callable(impl, numel):
+    """Forward + backward of group_norm_act on a channels_last [8, 64, H, W] float32 tensor (weight, bias
+    and a per-sample modulation, as the generator's blocks call it)."""
+    g = torch.Generator().manual_seed(3)
+    side = max(1, int(round((numel / (BATCH * GN_CHANNELS)) ** 0.5)))
+    x = torch.randn(BATCH, GN_CHANNELS, side, side, generator=g).to(DEVICE)
+    weight, bias = torch.randn(GN_CHANNELS, generator=g).to(DEVICE), torch.randn(GN_CHANNELS, generator=g).to(DEVICE)
+    scale, shift = (torch.randn(BATCH, GN_CHANNELS, generator=g).to(DEVICE) for _ in range(2))
+    if impl == "nchw":
+        x = x.contiguous().requires_grad_(True)
+        fwd = lambda: F.silu(F.group_norm(x, GN_GROUPS, weight, bias) * (1 + scale[:, :, None, None])  # noqa: E731
+                             + shift[:, :, None, None])
+    else:
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        backend = {"eager": "torch", "compile": "torch"}.get(impl, impl)
+        fwd = lambda: ops.group_norm_act(x, GN_GROUPS, weight, bias, 1e-5, scale, shift,  # noqa: E731
+                                         backend=backend)
+        if impl == "compile":
+            fwd = torch.compile(fwd, dynamic=False)
+    dy = torch.randn(x.shape, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    return lambda: torch.autograd.grad(fwd(), x, dy)[0]
+
+
 def _record(benchmark, op, impl, numel, tensors):
     nbytes = tensors * numel * 4
     record(benchmark, GROUP, op, impl, numel, bytes=nbytes, dtype="float32")
@@ -144,7 +172,7 @@ def _copy(nbytes):
 def _run(benchmark, fn, sync, nbytes, impl=None):
     """Fused rows get their floor measured round by round beside them (``timed_with_floor``); the
     eager and compiled references, 5-20x slower than the floor, only their own time."""
-    if impl in (None, "eager", "compile"):
+    if impl in (None, "eager", "compile", "nchw"):
         timed(benchmark, fn, sync, rounds_for(nbytes), warmup=2)
     else:
         timed_with_floor(benchmark, fn, _copy(nbytes), sync, rounds_for(nbytes), warmup=2)
@@ -163,6 +191,13 @@ def test_step(benchmark, sync, op, impl, numel):
 def test_vessel_noise_loss_fwd_bwd(benchmark, sync, impl, numel):
     nbytes = _record(benchmark, "vessel_noise_loss", impl, numel, TENSORS["vessel_noise_loss"])
     _run(benchmark, _loss_callable(impl, numel), sync, nbytes, impl)
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")
+@pytest.mark.parametrize("impl", ["eager", "nchw"] + [i for i in IMPLS if i in ("compile", "auto", "cpu")])
+def test_group_norm_act_fwd_bwd(benchmark, sync, impl, numel):
+    nbytes = _record(benchmark, "group_norm_act", impl, numel, TENSORS["group_norm_act"])
+    _run(benchmark, _group_norm_callable(impl, numel), sync, nbytes, impl)
 
 
 @pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n}")

@@ -18,6 +18,13 @@ TORCH_LIBRARY(vesselfast, m) {
   // Gradient w.r.t. eps_hat given grad_loss [B] and the sum_w saved by the forward.
   m.def("vessel_noise_loss_bwd(Tensor grad_loss, Tensor eps, Tensor eps_hat, Tensor? w, Tensor sum_w)"
         " -> Tensor");
+  // Group norm of a channels_last x [B, C, H, W] with a per-sample affine scale, shift (float32 [B, C]) and
+  // an optional SiLU (vesselfast/ops/group_norm.py). Returns (y like x, mean, rstd float32 [B, groups]).
+  m.def("group_norm_act_fwd(Tensor x, Tensor scale, Tensor shift, int groups, float eps, bool silu)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Gradients (dx, dscale, dshift) from grad (like x, channels_last) and the forward's mean and rstd.
+  m.def("group_norm_act_bwd(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor rstd, int groups,"
+        " bool silu) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -160,9 +160,11 @@ def test_quick_run_of_every_group(tmp_path):
     evals = {r["impl"]: r["evals"] for r in data["rows"] if r["suite"] == "synthesis"}
     assert evals["ddpm_noise"] == 100 and evals["ddim_noise"] == 10  # quick mode: T = 100, 10 DDIM steps
     assert all(r["floor"] is not None for r in data["rows"] if r["suite"] == "ops")
-    # the fused rows timed their floor round by round beside them; the references did not
+    # the fused rows timed their floor round by round beside them; the references (eager, compile, and
+    # group_norm_act's NCHW row) did not
     ops_rows = [r for r in data["rows"] if r["suite"] == "ops" and r["op"] != "copy"]
-    assert all((r["floor_ratio"] is not None) == (r["impl"] not in ("eager", "compile")) for r in ops_rows)
+    assert all((r["floor_ratio"] is not None) == (r["impl"] not in ("eager", "compile", "nchw")) for r in ops_rows)
+    assert {("ops", "group_norm_act", i) for i in ("eager", "nchw", "auto", "cpu")} <= impls
     assert data["machine"]["torch_threads"] >= 1 and data["machine"]["cpu_model"]
     assert "x ref" in res.stdout
 

@@ -191,14 +191,6 @@ void backward(const at::Tensor& grad, const at::Tensor& eps, const at::Tensor& e
   });
 }
 
-#define VF_FLOAT_TYPES(TYPE, ...)                                                   \
-  switch (TYPE) {                                                                   \
-    case at::kFloat: { using C = cpu::F32; __VA_ARGS__; break; }                    \
-    case at::kBFloat16: { using C = cpu::BF16; __VA_ARGS__; break; }                \
-    case at::kHalf: { using C = cpu::F16; __VA_ARGS__; break; }                     \
-    default: TORCH_CHECK(false, "unreachable");                                     \
-  }
-
 void check_inputs(const at::Tensor& eps, const at::Tensor& eps_hat, const c10::optional<at::Tensor>& w) {
   check_float_input(eps, "eps");
   check_like(eps_hat, eps, "eps_hat");

@@ -72,6 +72,15 @@ struct F16 {
 }  // namespace cpu
 }  // namespace vesselfast
 
+// Runs the statement with `C` bound to the codec of a float32 / bfloat16 / float16 tensor's scalar type.
+#define VF_FLOAT_TYPES(TYPE, ...)                                                       \
+  switch (TYPE) {                                                                       \
+    case at::kFloat: { using C = vesselfast::cpu::F32; __VA_ARGS__; break; }            \
+    case at::kBFloat16: { using C = vesselfast::cpu::BF16; __VA_ARGS__; break; }        \
+    case at::kHalf: { using C = vesselfast::cpu::F16; __VA_ARGS__; break; }             \
+    default: TORCH_CHECK(false, "unreachable");                                         \
+  }
+
 // ------------------------------------------------------------------------------------------------
 // Instruction-set dispatch. The extension is built for the baseline x86-64 ISA (no -march=native:
 // wheels must run everywhere); the element loops are also compiled for AVX2 and AVX-512 (function
