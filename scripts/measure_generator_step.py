@@ -1,6 +1,7 @@
 """The generator training step's speed-ups, each measured against today's eager step in the same run:
 AdamW's for-loop (torch's CPU default), foreach and fused implementations; torch.compile (inductor) of the
-network's forward and backward, its compile time reported apart; a larger batch (time per sample).
+network's forward and backward, its compile time reported apart; a larger batch (time per sample); the
+network in NCHW instead of channels_last (its norms then run through the plain-torch reference).
 
     python scripts/measure_generator_step.py [--preset real-cpu] [--precisions bf16,fp32] [--steps 8] [--rounds 3]
 
@@ -23,15 +24,16 @@ import torch
 from vesselfast import hardware
 from vesselfast.data import thick_mask
 from vesselfast.diffusion import NoiseSchedule
-from vesselfast.models import EMA, autocast
+from vesselfast.models import EMA, autocast, to_memory_format
 from vesselfast.ops import vessel_noise_loss
 from vesselfast.pipeline.config import resolve
 from vesselfast.pipeline.generative import build_generator
 
 
-def make_step(gcfg, sched, batch: int, crop: int, precision: str, optim: str, compile_model: bool):
+def make_step(gcfg, sched, batch: int, crop: int, precision: str, optim: str, compile_model: bool,
+              channels_last: bool = True):
     """A closure running one training step; returns (step, seconds spent compiling on its first call)."""
-    model = build_generator(gcfg, 0).train()
+    model = to_memory_format(build_generator(gcfg, 0), channels_last).train()
     ema = EMA(model, gcfg.ema_decay)
     kw = {"foreach": optim == "foreach"} if optim in ("loop", "foreach") else {"fused": True}
     opt = torch.optim.AdamW(model.parameters(), lr=gcfg.lr * batch / gcfg.batch_size, weight_decay=0.0, **kw)
@@ -44,7 +46,7 @@ def make_step(gcfg, sched, batch: int, crop: int, precision: str, optim: str, co
     def step():
         t = torch.randint(0, sched.T, (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        x_t = sched.q_sample(x0, t, noise)
+        x_t = to_memory_format(sched.q_sample(x0, t, noise), channels_last)
         with autocast("cpu", precision):
             eps_hat = net(x_t, t, cond)
         loss = vessel_noise_loss(noise, eps_hat.float(), w)
@@ -77,15 +79,16 @@ def main() -> int:
     print(f"machine: {hardware.cpu_model()} ({hardware.cpu_capability()}, native BF16 "
           f"{'yes' if hardware.native_bf16_cpu()[0] else 'no'}), {args.threads} threads, torch {torch.__version__}; "
           f"preset {args.preset}: base {gcfg.base_channels} x {list(gcfg.channel_mult)}, batch {b}, {crop} px")
-    variants = [("eager, AdamW for-loop (today)", b, "loop", False), ("AdamW foreach", b, "foreach", False),
-                ("AdamW fused", b, "fused", False)]
+    variants = [("eager, AdamW for-loop (today)", b, "loop", False, True), ("AdamW foreach", b, "foreach", False, True),
+                ("AdamW fused", b, "fused", False, True)]
     if not args.no_compile:
-        variants += [("torch.compile, AdamW fused", b, "fused", True)]
-    variants += [(f"batch {2 * b}, lr x2, AdamW fused (per {b} samples)", 2 * b, "fused", False)]
+        variants += [("torch.compile, AdamW fused", b, "fused", True, True)]
+    variants += [(f"batch {2 * b}, lr x2, AdamW fused (per {b} samples)", 2 * b, "fused", False, True),
+                 ("NCHW, norms in plain torch", b, "loop", False, False)]
     for precision in args.precisions.split(","):
         steps = {}
-        for name, batch, optim, comp in variants:
-            fn, first = make_step(gcfg, sched, batch, crop, precision, optim, comp)
+        for name, batch, optim, comp, cl in variants:
+            fn, first = make_step(gcfg, sched, batch, crop, precision, optim, comp, cl)
             fn()  # warm: oneDNN primitives, allocations, (compiled) the backward graph
             steps[name] = (fn, batch, first)
         times = {name: [] for name in steps}

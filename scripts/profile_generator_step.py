@@ -34,7 +34,7 @@ KINDS = [
     ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward")),
     ("convolution", ("conv", "mkldnn_convolution")),
     ("matmul / linear", ("addmm", "mm", "bmm", "linear")),
-    ("group norm", ("group_norm", "native_group_norm")),
+    ("group norm", ("group_norm", "native_group_norm")),  # also vesselfast::group_norm_act_fwd / _bwd
     ("activation", ("silu", "gelu", "relu", "sigmoid")),
     ("optimizer (AdamW)", ("adam", "_foreach_", "lerp", "addcdiv", "addcmul", "sqrt", "mul_", "add_", "div_")),
     ("noise loss", ("vessel_noise_loss", "vesselfast::")),

@@ -32,7 +32,10 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
     (initialised from ``ema_init`` when fine-tuning, so the average does not restart from scratch)."""
     g = torch.Generator().manual_seed(dist.rank_seed(seed))
     local_batch = dist.per_rank_batch(gcfg.batch_size, "generator.batch_size")
-    model = model.to(device).train()
+    # channels_last on CPU: oneDNN's convolutions then skip their layout reorders, and the norms run in the
+    # fused kernel that reads that layout (ops/group_norm.py; docs/BENCHMARKS.md, "Generator training step").
+    channels_last = device == "cpu"
+    model = to_memory_format(model.to(device), channels_last).train()
     net = dist.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
     ema = EMA(model, gcfg.ema_decay)
     if ema_init is not None:
@@ -53,7 +56,7 @@ def train_generator(model: GeneratorUNet, images: torch.Tensor, masks: Optional[
         x0 = x0.to(device)
         t = torch.randint(0, T, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        x_t = schedule.q_sample(x0, t, noise)
+        x_t = to_memory_format(schedule.q_sample(x0, t, noise), channels_last)
         with autocast(device, gcfg.precision):
             eps_hat = net(x_t, t.to(device), cond)
         loss = vessel_noise_loss(noise, eps_hat.float(), w)
