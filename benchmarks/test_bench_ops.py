@@ -26,7 +26,8 @@ ddpm_step also reads the noise (4N*4); vessel_noise_loss forward + backward read
 and writes the gradient (7N*4); group_norm_act (norm, per-sample affine, SiLU; channels_last [8, 64, H, W])
 forward + backward reads x, writes y, reads x and the output gradient, writes dx (5N*4). Its ``eager`` row
 is the reference on the same channels_last tensor (ATen's group norm in that layout), and ``nchw`` is
-ATen's group norm and SiLU on an NCHW copy: what a network kept in NCHW pays. ``extra_info`` records op, impl, numel and bytes for ``vesselfast bench``.
+ATen's group norm and SiLU on an NCHW copy: what a network kept in NCHW pays. ``extra_info`` records op,
+impl, numel and bytes for ``vesselfast bench``.
 """
 from __future__ import annotations
 

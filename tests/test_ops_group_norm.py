@@ -135,10 +135,10 @@ def test_opcheck_and_compile():
     x, _, _, scale, shift = (v.detach() for v in _leaves((2, 8, 6, 5, 2), torch.float32, seed=7))
     y, mean, rstd = torch.ops.vesselfast.group_norm_act_fwd(x, scale, shift, 2, 1e-5, True)
     grad = torch.randn_like(y).contiguous(memory_format=CL)
-    for op, args in [(torch.ops.vesselfast.group_norm_act_fwd.default, (x.requires_grad_(), scale, shift, 2, 1e-5, True)),
-                     (torch.ops.vesselfast.group_norm_act_fwd.default, (x.detach(), scale, shift, 2, 1e-5, False)),
-                     (torch.ops.vesselfast.group_norm_act_bwd.default,
-                      (grad, x.detach(), scale, shift, mean, rstd, 2, True))]:
+    fwd, bwd = torch.ops.vesselfast.group_norm_act_fwd.default, torch.ops.vesselfast.group_norm_act_bwd.default
+    for op, args in [(fwd, (x.requires_grad_(), scale, shift, 2, 1e-5, True)),
+                     (fwd, (x.detach(), scale, shift, 2, 1e-5, False)),
+                     (bwd, (grad, x.detach(), scale, shift, mean, rstd, 2, True))]:
         torch.library.opcheck(op, args)
     torch._dynamo.reset()
     fn = lambda v: ops.group_norm_act(v, 2, scale=scale, shift=shift)  # noqa: E731

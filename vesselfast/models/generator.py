@@ -74,7 +74,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(_norm_act(self.norm, x, silu=False)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        qkv = self.qkv(_norm_act(self.norm, x, silu=False))
+        q, k, v = qkv.reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
         a = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c/heads]
         return x + self.proj(a.transpose(-1, -2).reshape(b, c, h, w))
 
