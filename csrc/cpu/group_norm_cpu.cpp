@@ -92,6 +92,14 @@ struct Loops {
     }
   }
 
+  // dL/dz from dy = dL/dy at z = x * a + b: dy * silu'(z) = dy * s (1 + z (1 - s)), s = sigmoid(z); or dy.
+  __attribute__((always_inline)) static inline float grad_z(float dy, float x, float a, float b) {
+    if (!Act) return dy;
+    const float z = x * a + b;
+    const float s = sigmoid_vec(z);
+    return dy * (s * (1.f + z * (1.f - s)));
+  }
+
   // dz = dy * act'(z), z = x * a + b; sums per channel of dz and dz * xhat, xhat = x * xr + xm.
   __attribute__((always_inline)) static inline void sums_body(const S* __restrict dy, const S* __restrict x,
                                                               int64_t rows, int64_t ch, const float* __restrict a,
@@ -105,12 +113,7 @@ struct Loops {
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {
         const float xv = C::load(xrow[c]);
-        float dz = C::load(dyr[c]);
-        if (Act) {
-          const float z = xv * a[c] + b[c];
-          const float s = sigmoid_vec(z);
-          dz = dz * (s * (1.f + z * (1.f - s)));
-        }
+        const float dz = grad_z(C::load(dyr[c]), xv, a[c], b[c]);
         sdz[c] += dz;
         sdzx[c] += dz * (xv * xr[c] + xm[c]);
       }
@@ -130,12 +133,7 @@ struct Loops {
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {
         const float xv = C::load(xrow[c]);
-        float dz = C::load(dyr[c]);
-        if (Act) {
-          const float z = xv * a[c] + b[c];
-          const float s = sigmoid_vec(z);
-          dz = dz * (s * (1.f + z * (1.f - s)));
-        }
+        const float dz = grad_z(C::load(dyr[c]), xv, a[c], b[c]);
         dxr[c] = C::store(p[c] * dz + q[c] * xv + o[c]);
       }
     }
