@@ -2,8 +2,9 @@
 
 One module per compiled op holds its reference, fake kernels, autograd, backends and public functions:
 ``diffusion_step`` (``ddim_step``, ``ddim_inverse_step``, ``ddpm_step``), ``vessel_loss``
-(``vessel_noise_loss``) and ``group_norm`` (``group_norm_act``). Importing this package loads the extension (vesselfast._ext) and registers the
-ops with torch, so ``torch.compile`` can trace the public functions from the first call.
+(``vessel_noise_loss``) and ``group_norm`` (``group_norm_act``). Importing this package loads the extension
+(vesselfast._ext) and registers the ops with torch, so ``torch.compile`` can trace the public functions
+from the first call.
 Callers use these and never choose a backend; ``VESSELFAST_BACKEND`` or ``backend=`` overrides ``auto``.
 """
 from vesselfast.ops.diffusion_step import (  # noqa: F401

@@ -9,7 +9,8 @@ import torch
 from vesselfast.data import thick_mask
 from vesselfast.data.augment import augment
 from vesselfast.diffusion import NoiseSchedule, Sampler, ddim_invert
-from vesselfast.models import EMA, GeneratorUNet, GradScaling, arch_dict, autocast, generator_from_dict, to_memory_format
+from vesselfast.models import (EMA, GeneratorUNet, GradScaling, arch_dict, autocast, generator_from_dict,
+                               to_memory_format)
 from vesselfast.ops import vessel_noise_loss
 from vesselfast.pipeline import dist
 from vesselfast.pipeline.config import GeneratorTrainConfig
