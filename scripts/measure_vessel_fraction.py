@@ -14,7 +14,11 @@ held-out *source* images (each source folder's ``test`` split at the run's resca
 view histogram-matched to a random target training image), and the anchor's target figures divided by
 that ratio (label-free on the target; rejected, docs/PIPELINE.md "The vessel-fraction estimate").
 
-    python scripts/measure_vessel_fraction.py runs/real [--stages baseline_histmatch segmenter_0 ...] [--source-ratio]
+``--em``: also the anchor's target prior by EM prior adjustment (Saerens, Latinne and Decaestecker 2002),
+with the anchor's training prior from the run's rescaled source masks, inside their fields of view and over
+the anchor's training crops (label-free on the target; rejected, same section).
+
+    python scripts/measure_vessel_fraction.py runs/real [--stages baseline_histmatch segmenter_0 ...] [--source-ratio] [--em]
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("run")
     ap.add_argument("--stages", nargs="*", default=["baseline_histmatch", "baseline", "segmenter_0"])
     ap.add_argument("--source-ratio", action="store_true", help="the held-out source correction (see the docstring)")
+    ap.add_argument("--em", action="store_true", help="the EM prior adjustment of the anchor (see the docstring)")
     args = ap.parse_args(argv)
 
     import yaml
@@ -68,7 +73,42 @@ def main(argv=None) -> int:
                   f"{100 * (b / test_truth - 1):+.1f} % |")
     if args.source_ratio:
         source_ratio(cfg, run, ctx, [s.image for s in train], truth)
+    if args.em:
+        em_prior(cfg, run, ctx, [s.image for s in train], truth)
     return 0
+
+
+def em_fixed_point(p: np.ndarray, prior_source: float, tol: float = 1e-7, max_iter: int = 500) -> float:
+    """The target prior pi at which re-weighting the posteriors ``p`` (trained at ``prior_source``) by
+    pi / prior_source and (1 - pi) / (1 - prior_source) gives back pi as their mean (Saerens et al. 2002)."""
+    pi = prior_source
+    for _ in range(max_iter):
+        a = (pi / prior_source) * p
+        b = ((1 - pi) / (1 - prior_source)) * (1 - p)
+        new = float(np.mean(a / (a + b)))
+        if abs(new - pi) < tol:
+            return new
+        pi = new
+    return pi
+
+
+def em_prior(cfg, run, ctx, target_images, truth) -> None:
+    """Prints the anchor's EM-adjusted target prior for two readings of its training prior."""
+    from vesselfast.pipeline.inputs import random_crops, source_at
+    from vesselfast.pipeline.seeds import stream_seed
+    from vesselfast.pipeline.stages import segmenter_probs
+
+    src = source_at(cfg, run.load("survey")["factors"], cfg.seed)
+    _, masks, _ = random_crops(src, cfg.data.pool, cfg.data.crop,
+                               np.random.default_rng(stream_seed(cfg.seed, "source_crops")))
+    priors = {"source fields of view": float(np.mean([s.mask[s.fov].mean() for s in src])),
+              "the anchor's training crops": float(np.mean(masks))}
+    probs = segmenter_probs(ctx, run.load("baseline_histmatch"), target_images, "fp32", "anchor")
+    p = np.concatenate([q.ravel() for q in probs]).astype(np.float64)
+    for name, prior in priors.items():
+        pi = em_fixed_point(p, prior)
+        print(f"EM prior adjustment, training prior from {name} {100 * prior:.2f} %: {100 * pi:.2f} % "
+              f"({100 * (pi / truth - 1):+.1f} % against the val + test labels)")
 
 
 def source_ratio(cfg, run, ctx, target_images, truth) -> None:
