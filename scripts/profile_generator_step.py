@@ -4,13 +4,16 @@
 activations, the loss, AdamW, EMA, data and augmentation) and by operator.
 
     python scripts/profile_generator_step.py [--preset real-cpu] [--precision bf16] [--steps 20] [--threads 2]
-                                             [--onednn]
+                                             [--onednn] [--roofline]
 
 Prints the machine, the mean step time outside the profiler, and two tables (self CPU time). Percentages
 are the numbers to read; absolute times are only meaningful on a quiet machine. ``--onednn`` adds a third:
 oneDNN's own execution times per primitive kind and implementation (its verbose mode, one step), where
 the memory-layout reorders around each convolution show, which torch.profiler counts inside the
-convolution ops.
+convolution ops. ``--roofline`` adds the step's convolution FLOPs (counted by torch's FlopCounterMode), the
+rate the convolutions reach inside the step, the machine's dense matmul rate at the same precision and
+threads, and the step time if every convolution ran at that rate (a bound on what a faster convolution
+could give).
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=None, help="crop size (default: the preset's)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--onednn", action="store_true", help="also oneDNN's per-primitive times (verbose mode)")
+    ap.add_argument("--roofline", action="store_true", help="also the convolutions' rate against a dense matmul's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = resolve(args.preset, overrides={"generator": {"precision": args.precision}})
@@ -94,9 +98,47 @@ def main() -> int:
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         print(f"  {e.key[:44]:<44} {e.self_cpu_time_total / 1e3 / args.steps:8.2f} ms  "
               f"{100 * e.self_cpu_time_total / total:5.1f} %  calls/step {e.count / args.steps:6.1f}")
+    if args.roofline:
+        conv_ms = (by_kind["convolution"] + by_kind["convolution backward"]) / 1e3 / args.steps
+        roofline(model, images[:gcfg.batch_size], masks[:gcfg.batch_size], precision, conv_ms,
+                 1e3 * total / 1e6 / args.steps)
     if args.onednn:
         onednn_table(lambda: train_generator(model, images, masks, 1, gcfg, sched, seed=0), args.steps)
     return 0
+
+
+def roofline(model, x, cond, precision: str, conv_ms: float, step_ms: float, n: int = 2048) -> None:
+    """Prints the convolutions' GFLOP/s inside the step (``conv_ms`` per step of self CPU time) against an
+    [n x n] @ [n x n] matmul's at ``precision``, and the step (``step_ms``, under the profiler) with every
+    convolution at the matmul's rate. ``x``, ``cond``: one batch, [B x 1 x H x W]."""
+    import statistics
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vesselfast.models import autocast
+
+    t = torch.zeros(x.shape[0], dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        with autocast("cpu", precision):
+            out = model(x, t, cond)
+        out.float().square().mean().backward()
+    counts = counter.get_flop_counts()["Global"]
+    conv = sum(v for k, v in counts.items() if "convolution" in str(k))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    times = []
+    for i in range(13):
+        t0 = time.perf_counter()
+        a @ b
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    gemm = 2 * n ** 3 / statistics.median(times) / 1e9
+    rate = conv / 1e6 / conv_ms
+    bound = step_ms - conv_ms + conv / 1e6 / gemm
+    print(f"\nroofline ({precision}): convolutions {conv / 1e9:.1f} GFLOP per step in {conv_ms:.1f} ms = "
+          f"{rate:.0f} GFLOP/s; a [{n} x {n}] matmul {gemm:.0f} GFLOP/s ({100 * rate / gemm:.0f} % of it)")
+    print(f"  the step ({step_ms:.1f} ms under the profiler) with every convolution at the matmul's rate: "
+          f"{bound:.1f} ms ({step_ms / bound:.2f}x)")
 
 
 def onednn_table(one_step, steps: int) -> None:
