@@ -88,7 +88,6 @@ def test_every_declared_range_is_enforced(name, value, text):
     ("segmenter.stride=100", "segmenter.stride=100 must be in [1, segmenter.tile=64]"),
     ("diffusion.ddim_steps=200", "diffusion.ddim_steps=200 must be in [2, diffusion.T=100]"),
     ("generator.attention_levels=[2]", "generator.attention_levels=[2]: level 2 does not exist"),
-    ("generator.base_channels=3", "generator.base_channels=3 with generator.channel_mult=[1, 2] gives a network"),
     ("segmenter.channels=[8,8,8,8,8,8,8]", "data.crop=32 is smaller than the segmenter's 7 levels need (64 px)"),
     # types
     ("rounds=1.5", "config key 'rounds' expects int, got 1.5"),

@@ -19,6 +19,27 @@ def test_timestep_embedding_formula():
             assert emb[i, 4 + k].item() == pytest.approx(math.sin(f), abs=1e-5)
 
 
+def test_every_width_builds_with_the_group_and_head_counts_of_the_rule():
+    """Norm groups: ch / 4 capped at 32 where that divides ch (every width that built before keeps its
+    count), else the largest divisor below it (brute force); attention heads likewise; any base width
+    builds (base 48 with (1, 2, 2) has a 144-channel concatenation that 32 groups do not divide)."""
+    from vesselfast.models.generator import AttentionBlock, _norm
+
+    for ch in range(1, 600):
+        cap = max(1, min(32, ch // 4))
+        groups = _norm(ch).num_groups
+        assert groups == max(d for d in range(1, cap + 1) if ch % d == 0)
+        if ch % cap == 0:
+            assert groups == cap
+        with torch.device("meta"):
+            heads = AttentionBlock(ch).heads
+        assert ch % heads == 0 and heads == max(d for d in range(1, max(1, ch // 32) + 1) if ch % d == 0)
+    for base in range(1, 65):
+        with torch.device("meta"):
+            net = GeneratorUNet(GeneratorArch(base_channels=base, channel_mult=(1, 2, 2), attention_levels=(2,)))
+        assert all(m.num_channels % m.num_groups == 0 for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
 def test_generator_output_zero_initialised_then_depends_on_inputs():
     torch.manual_seed(0)
     g = GeneratorUNet(SMALL)

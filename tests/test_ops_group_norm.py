@@ -14,8 +14,10 @@ needs_ext = pytest.mark.skipif(not _ext.cpu_built(), reason="vesselfast._C not b
 CL = torch.channels_last
 
 # (B, C, H, W, groups): one block; C not a multiple of the vector width; several row blocks with a
-# partial last one (C=8: 1,024 rows per block); B=1; the generator's 64 px level.
-SHAPES = [(2, 32, 8, 8, 8), (3, 12, 5, 7, 3), (2, 8, 45, 47, 2), (1, 64, 33, 17, 16), (8, 32, 64, 64, 8)]
+# partial last one (C=8: 1,024 rows per block); B=1; the generator's 64 px level; 24 groups of 6 (a base-48
+# generator's 144-channel concatenation).
+SHAPES = [(2, 32, 8, 8, 8), (3, 12, 5, 7, 3), (2, 8, 45, 47, 2), (1, 64, 33, 17, 16), (8, 32, 64, 64, 8),
+          (2, 144, 6, 5, 24)]
 
 
 def _leaves(shape, dtype, seed=0):
@@ -146,11 +148,12 @@ def test_opcheck_and_compile():
 
 
 @needs_ext
-def test_generator_channels_last_equals_nchw():
+@pytest.mark.parametrize("base", [16, 48])  # 48: a 144-channel norm in 24 groups
+def test_generator_channels_last_equals_nchw(base):
     """The network with its norms in the kernel (channels_last) and in the reference (NCHW), same
     weights: outputs and parameter gradients agree to float32 precision."""
     torch.manual_seed(0)
-    arch = GeneratorArch(base_channels=16, channel_mult=[1, 2], attention_levels=[1])
+    arch = GeneratorArch(base_channels=base, channel_mult=[1, 2], attention_levels=[1])
     nchw = GeneratorUNet(arch)
     for p in nchw.parameters():  # the zero-initialised output layers would hide differences
         torch.nn.init.normal_(p, std=0.1)

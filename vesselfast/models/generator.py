@@ -30,8 +30,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def divisor_at_most(ch: int, cap: int) -> int:
+    """The largest divisor of ``ch`` that is at most ``cap`` (at least 1): how many groups or attention heads
+    a ``ch``-channel layer gets, so that any width builds."""
+    return next(g for g in range(max(1, min(cap, ch)), 0, -1) if ch % g == 0)
+
+
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4) if ch >= 4 else 1, ch)
+    """ch / 4 groups, at most 32 (32 channels: 8 groups, 64: 16); where that does not divide ch, the largest
+    divisor below it (the 144-channel concatenation of a base-48 network: 24 groups of 6)."""
+    return nn.GroupNorm(divisor_at_most(ch, min(32, ch // 4)), ch)
 
 
 def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None, silu: bool = True) -> torch.Tensor:
@@ -65,9 +73,7 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     def __init__(self, ch: int, head_channels: int = 32):
         super().__init__()
-        self.heads = max(1, ch // head_channels)
-        if ch % self.heads:
-            raise ValueError(f"{ch} channels do not split into {self.heads} attention heads")
+        self.heads = divisor_at_most(ch, ch // head_channels)  # ch / head_channels, or the largest divisor below it
         self.norm = _norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = _zero(nn.Conv2d(ch, ch, 1))
