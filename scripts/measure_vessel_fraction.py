@@ -94,15 +94,12 @@ def em_fixed_point(p: np.ndarray, prior_source: float, tol: float = 1e-7, max_it
 
 def em_prior(cfg, run, ctx, target_images, truth) -> None:
     """Prints the anchor's EM-adjusted target prior for two readings of its training prior."""
-    from vesselfast.pipeline.inputs import random_crops, source_at
-    from vesselfast.pipeline.seeds import stream_seed
+    from vesselfast.pipeline.inputs import build_data, load_inputs
     from vesselfast.pipeline.stages import segmenter_probs
 
-    src = source_at(cfg, run.load("survey")["factors"], cfg.seed)
-    _, masks, _ = random_crops(src, cfg.data.pool, cfg.data.crop,
-                               np.random.default_rng(stream_seed(cfg.seed, "source_crops")))
-    priors = {"source fields of view": float(np.mean([s.mask[s.fov].mean() for s in src])),
-              "the anchor's training crops": float(np.mean(masks))}
+    data = build_data(cfg, cfg.seed, load_inputs(cfg), run.load("survey")["factors"])  # the run's crop pools
+    priors = {"source fields of view": data.source_vessel_fraction(),
+              "the anchor's training crops": float(data.src_masks.float().mean())}
     probs = segmenter_probs(ctx, run.load("baseline_histmatch"), target_images, "fp32", "anchor")
     p = np.concatenate([q.ravel() for q in probs]).astype(np.float64)
     for name, prior in priors.items():

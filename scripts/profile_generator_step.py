@@ -32,6 +32,8 @@ from vesselfast.diffusion import NoiseSchedule
 from vesselfast.pipeline.config import resolve
 from vesselfast.pipeline.generative import build_generator, train_generator
 
+from _timing import median_ms  # scripts/, on the path when a script runs
+
 # operator name fragments -> kind of work (first match wins)
 KINDS = [
     ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward")),
@@ -111,8 +113,6 @@ def roofline(model, x, cond, precision: str, conv_ms: float, step_ms: float, n: 
     """Prints the convolutions' GFLOP/s inside the step (``conv_ms`` per step of self CPU time) against an
     [n x n] @ [n x n] matmul's at ``precision``, and the step (``step_ms``, under the profiler) with every
     convolution at the matmul's rate. ``x``, ``cond``: one batch, [B x 1 x H x W]."""
-    import statistics
-
     from torch.utils.flop_counter import FlopCounterMode
 
     from vesselfast.models import autocast
@@ -126,13 +126,7 @@ def roofline(model, x, cond, precision: str, conv_ms: float, step_ms: float, n: 
     conv = sum(v for k, v in counts.items() if "convolution" in str(k))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    times = []
-    for i in range(13):
-        t0 = time.perf_counter()
-        a @ b
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    gemm = 2 * n ** 3 / statistics.median(times) / 1e9
+    gemm = 2 * n ** 3 / median_ms(lambda: a @ b, n=10, warm=3) / 1e6
     rate = conv / 1e6 / conv_ms
     bound = step_ms - conv_ms + conv / 1e6 / gemm
     print(f"\nroofline ({precision}): convolutions {conv / 1e9:.1f} GFLOP per step in {conv_ms:.1f} ms = "
