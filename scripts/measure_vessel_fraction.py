@@ -18,7 +18,13 @@ that ratio (label-free on the target; rejected, docs/PIPELINE.md "The vessel-fra
 with the anchor's training prior from the run's rescaled source masks, inside their fields of view and over
 the anchor's training crops (label-free on the target; rejected, same section).
 
-    python scripts/measure_vessel_fraction.py runs/real [--stages baseline_histmatch segmenter_0 ...] [--source-ratio] [--em]
+``--latent-class``: also the prevalence of a two-class latent class model (Hui and Walter 1980; Dawid and
+Skene 1979) fitted by EM to the joint binary outputs of the ``--stages`` segmenters (at least three; each
+at its threshold, with its calibration's logit shift undone, so before it saw the run's prior): the
+"agreement of several probes" read through conditional independence given the true label (label-free on
+the target; rejected, same section).
+
+    python scripts/measure_vessel_fraction.py runs/real [--stages baseline_histmatch segmenter_0 ...] [--source-ratio] [--em] [--latent-class]
 """
 from __future__ import annotations
 
@@ -34,7 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="*", default=["baseline_histmatch", "baseline", "segmenter_0"])
     ap.add_argument("--source-ratio", action="store_true", help="the held-out source correction (see the docstring)")
     ap.add_argument("--em", action="store_true", help="the EM prior adjustment of the anchor (see the docstring)")
+    ap.add_argument("--latent-class", action="store_true",
+                    help="the latent class prevalence of the --stages' raw outputs (see the docstring)")
     args = ap.parse_args(argv)
+    if args.latent_class and len(args.stages) < 3:
+        ap.error("--latent-class: give at least three --stages (two probes do not identify the prevalence)")
 
     import yaml
 
@@ -75,6 +85,8 @@ def main(argv=None) -> int:
         source_ratio(cfg, run, ctx, [s.image for s in train], truth)
     if args.em:
         em_prior(cfg, run, ctx, [s.image for s in train], truth)
+    if args.latent_class:
+        latent_class(run, ctx, [s.image for s in train], args.stages, truth)
     return 0
 
 
@@ -106,6 +118,48 @@ def em_prior(cfg, run, ctx, target_images, truth) -> None:
         pi = em_fixed_point(p, prior)
         print(f"EM prior adjustment, training prior from {name} {100 * prior:.2f} %: {100 * pi:.2f} % "
               f"({100 * (pi / truth - 1):+.1f} % against the val + test labels)")
+
+
+def latent_class_fit(x: np.ndarray, iters: int = 2000) -> tuple[float, np.ndarray, np.ndarray]:
+    """Prevalence, sensitivities and specificities of K conditionally independent binary probes.
+
+    :param x: an [N x K] bool array, probe k's call on pixel n.
+    :return: (pi, se [K], sp [K]) at EM's fixed point, fitted on the 2^K pattern counts.
+    """
+    k = x.shape[1]
+    counts = np.bincount(x.astype(np.int64) @ (1 << np.arange(k)), minlength=1 << k).astype(np.float64)
+    patterns = ((np.arange(1 << k)[:, None] >> np.arange(k)) & 1).astype(np.float64)
+    pi, se, sp = 0.1, np.full(k, 0.8), np.full(k, 0.9)
+    for _ in range(iters):
+        l1 = pi * np.prod(se ** patterns * (1 - se) ** (1 - patterns), 1)
+        l0 = (1 - pi) * np.prod((1 - sp) ** patterns * sp ** (1 - patterns), 1)
+        w1 = counts * l1 / (l1 + l0)
+        w0 = counts - w1
+        pi = w1.sum() / counts.sum()
+        se = (w1[:, None] * patterns).sum(0) / w1.sum()
+        sp = (w0[:, None] * (1 - patterns)).sum(0) / w0.sum()
+    return float(pi), se, sp
+
+
+def latent_class(run, ctx, target_images, stages, truth) -> None:
+    """Prints the latent class prevalence of the stages' raw calls on the target training images."""
+    import json
+
+    from vesselfast.pipeline.stages import segmenter_probs
+
+    records = json.loads((run.root / "stages.json").read_text())
+    calls = []
+    for stage in stages:
+        state = run.load(stage)
+        p = np.concatenate([q.ravel() for q in segmenter_probs(ctx, state, target_images, "fp32", stage)])
+        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+        raw = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - records[stage].get("logit_shift", 0.0))))
+        calls.append(raw >= state["threshold"])
+        print(f"{stage}: marks {100 * calls[-1].mean():.2f} % before its calibration")
+    pi, se, sp = latent_class_fit(np.stack(calls, 1))
+    print(f"latent class prevalence of {' + '.join(stages)}: {100 * pi:.2f} % "
+          f"({100 * (pi / truth - 1):+.1f} % against the val + test labels); sensitivities "
+          f"{np.round(se, 3).tolist()}, specificities {np.round(sp, 4).tolist()}")
 
 
 def source_ratio(cfg, run, ctx, target_images, truth) -> None:
