@@ -9,6 +9,7 @@ written as PNG under DST in the same layout. Used for docs/PIPELINE.md, "A secon
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,9 +22,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.scale > 0:
         ap.error(f"--scale {args.scale}: give a factor above 0")
-    import numpy as np
-    from PIL import Image
-
     src, dst = Path(args.src), Path(args.dst)
     folders = [(src / sp / kind, kind) for sp in ("train", "val", "test") for kind in ("image", "label")
                if (src / sp / kind).is_dir()]
@@ -31,20 +29,36 @@ def main(argv=None) -> int:
         ap.error(f"{src}: no {{train,val,test}}/image or label folder; give a split-folder data set")
     if dst.exists():
         ap.error(f"{dst}: exists; give a new folder")
-    for folder, kind in folders:
-        out = dst / folder.relative_to(src)
-        out.mkdir(parents=True)
-        for f in sorted(p for p in folder.iterdir() if p.is_file()):
-            im = Image.open(f).convert("L")
-            size = (max(1, round(im.size[0] * args.scale)), max(1, round(im.size[1] * args.scale)))
-            if kind == "image":
-                im = im.resize(size, Image.Resampling.BOX)
-            else:
-                a = np.asarray(im.resize(size, Image.Resampling.BILINEAR))
-                im = Image.fromarray(np.where(a >= 128, 255, 0).astype(np.uint8))
-            im.save(out / (f.stem + ".png"))
-        print(f"{out}: {sum(1 for _ in out.iterdir())} files", flush=True)
+    partial = dst.with_name(dst.name + ".partial")  # renamed to dst when complete: nothing half-written
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        for folder, kind in folders:
+            write_scaled(folder, partial / folder.relative_to(src), kind, args.scale)
+        partial.rename(dst)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"make_scaled_target.py: cannot write {dst} ({exc.strerror or exc}); give a writable folder",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def write_scaled(folder, out, kind: str, scale: float) -> None:
+    """Every file of ``folder`` resampled by ``scale`` into ``out`` as PNG (``kind``: image or label)."""
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir(parents=True)
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        im = Image.open(f).convert("L")
+        size = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+        if kind == "image":
+            im = im.resize(size, Image.Resampling.BOX)
+        else:
+            a = np.asarray(im.resize(size, Image.Resampling.BILINEAR))
+            im = Image.fromarray(np.where(a >= 128, 255, 0).astype(np.uint8))
+        im.save(out / (f.stem + ".png"))
+    print(f"{folder}: {sum(1 for _ in out.iterdir())} files resampled", flush=True)
 
 
 if __name__ == "__main__":

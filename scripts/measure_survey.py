@@ -18,6 +18,12 @@ def main(argv=None) -> int:
     ap.add_argument("run")
     ap.add_argument("--passes", type=int, default=2, help="recentred passes after the run's own survey")
     args = ap.parse_args(argv)
+    if args.passes < 0:
+        ap.error(f"--passes {args.passes}: give 0 or more")
+    from pathlib import Path
+
+    if not all((Path(args.run) / name).is_file() for name in ("config.yaml", "stages.json")):
+        ap.error(f"{args.run}: not a finished run directory (no config.yaml / stages.json); give one of `vesselfast train --out`")
 
     import yaml
 
@@ -37,9 +43,9 @@ def main(argv=None) -> int:
     ctx = Context(None, run, cfg.seed, "cpu", 1)
     sample = draw(inputs.target_train, cfg.data.target_sample, ctx.stream("target_sample"))  # the run's sample
     labels = mean_calibre(read_mask(e.mask) > 0 for e in detect(cfg.data.target_test or cfg.data.target).entries("test", True))
-    calibres = {folder: mean_calibre(s.mask for s in inputs.sources[folder]) for folder in cfg.data.source}
+    survey = json.loads((run.root / "stages.json").read_text())["survey"]  # the run's own survey
+    calibres, estimate = survey["source_calibres"], survey["target_calibre"]
     c_ref = min(calibres.values())
-    estimate = json.loads((run.root / "stages.json").read_text())["survey"]["target_calibre"]
     print(f"{args.run}: test labels {labels:.2f} px; the run's survey {estimate:.2f} px (scales centred at {c_ref:.2f})")
     for k in range(args.passes):
         scales = [m * estimate / c_ref for m in cfg.data.survey_scales]

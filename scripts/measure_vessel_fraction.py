@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.latent_class and len(args.stages) < 3:
         ap.error("--latent-class: give at least three --stages (two probes do not identify the prevalence)")
+    from pathlib import Path
+
+    if not all((Path(args.run) / name).is_file() for name in ("config.yaml", "stages.json")):
+        ap.error(f"{args.run}: not a finished run directory (no config.yaml / stages.json); give one of `vesselfast train --out`")
 
     import yaml
 
@@ -68,12 +72,13 @@ def main(argv=None) -> int:
           f"test {100 * test_truth:.2f} %")
     print("| stage | estimator | on train images | error vs val+test labels | on test images | error vs test labels |")
     print("|---|---|---|---|---|---|")
+    train_probs = {}  # stage -> its probabilities on the target training images, reused by --em and --latent-class
     for stage in args.stages:
         if not run.is_done(stage):
             print(f"| {stage} | (not in this run) | | | | |")
             continue
         state = run.load(stage)
-        p_train = segmenter_probs(ctx, state, [s.image for s in train], "fp32", stage)
+        p_train = train_probs[stage] = segmenter_probs(ctx, state, [s.image for s in train], "fp32", stage)
         p_test = segmenter_probs(ctx, state, [s.image for s in test], "fp32", stage)
         for name, fn in (("marked", lambda ps: float(np.mean(np.concatenate([p.ravel() >= state["threshold"]
                                                                              for p in ps])))),
@@ -84,9 +89,10 @@ def main(argv=None) -> int:
     if args.source_ratio:
         source_ratio(cfg, run, ctx, [s.image for s in train], truth)
     if args.em:
-        em_prior(cfg, run, ctx, [s.image for s in train], truth)
+        em_prior(cfg, run, ctx, [s.image for s in train], truth, train_probs.get("baseline_histmatch"))
     if args.latent_class:
-        latent_class(run, ctx, [s.image for s in train], args.stages, truth)
+        latent_class(run, [train_probs[stage] for stage in args.stages if stage in train_probs],
+                     [stage for stage in args.stages if stage in train_probs], truth)
     return 0
 
 
@@ -104,15 +110,17 @@ def em_fixed_point(p: np.ndarray, prior_source: float, tol: float = 1e-7, max_it
     return pi
 
 
-def em_prior(cfg, run, ctx, target_images, truth) -> None:
-    """Prints the anchor's EM-adjusted target prior for two readings of its training prior."""
+def em_prior(cfg, run, ctx, target_images, truth, probs=None) -> None:
+    """Prints the anchor's EM-adjusted target prior for two readings of its training prior (``probs``: the
+    anchor's probabilities on ``target_images`` where already computed)."""
     from vesselfast.pipeline.inputs import build_data, load_inputs
     from vesselfast.pipeline.stages import segmenter_probs
 
     data = build_data(cfg, cfg.seed, load_inputs(cfg), run.load("survey")["factors"])  # the run's crop pools
     priors = {"source fields of view": data.source_vessel_fraction(),
               "the anchor's training crops": float(data.src_masks.float().mean())}
-    probs = segmenter_probs(ctx, run.load("baseline_histmatch"), target_images, "fp32", "anchor")
+    if probs is None:
+        probs = segmenter_probs(ctx, run.load("baseline_histmatch"), target_images, "fp32", "anchor")
     p = np.concatenate([q.ravel() for q in probs]).astype(np.float64)
     for name, prior in priors.items():
         pi = em_fixed_point(p, prior)
@@ -141,20 +149,20 @@ def latent_class_fit(x: np.ndarray, iters: int = 2000) -> tuple[float, np.ndarra
     return float(pi), se, sp
 
 
-def latent_class(run, ctx, target_images, stages, truth) -> None:
-    """Prints the latent class prevalence of the stages' raw calls on the target training images."""
+def latent_class(run, probs, stages, truth) -> None:
+    """Prints the latent class prevalence of the stages' raw calls (``probs[i]``: stage i's probabilities on
+    the target training images, its calibration's logit shift still in them)."""
     import json
 
-    from vesselfast.pipeline.stages import segmenter_probs
-
     records = json.loads((run.root / "stages.json").read_text())
+    if len(stages) < 3:
+        print(f"latent class: only {len(stages)} of the --stages are in this run; it needs three")
+        return
     calls = []
-    for stage in stages:
-        state = run.load(stage)
-        p = np.concatenate([q.ravel() for q in segmenter_probs(ctx, state, target_images, "fp32", stage)])
-        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    for stage, maps in zip(stages, probs):
+        p = np.clip(np.concatenate([q.ravel() for q in maps]).astype(np.float64), 1e-7, 1 - 1e-7)
         raw = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - records[stage].get("logit_shift", 0.0))))
-        calls.append(raw >= state["threshold"])
+        calls.append(raw >= run.load(stage)["threshold"])
         print(f"{stage}: marks {100 * calls[-1].mean():.2f} % before its calibration")
     pi, se, sp = latent_class_fit(np.stack(calls, 1))
     print(f"latent class prevalence of {' + '.join(stages)}: {100 * pi:.2f} % "
