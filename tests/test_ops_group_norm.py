@@ -99,6 +99,32 @@ def test_kernel_does_not_depend_on_the_thread_count():
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_flushes_subnormals_only_inside_and_far_tails_stay_right(threads):
+    """The kernel runs with subnormals flushed (csrc/include/vesselfast/cpu_dtype.h, FlushSubnormals) and
+    must hand the caller's floating-point mode back: at one thread it runs on the calling thread itself.
+    Shifts of +-150 put z far past the exp's clamp on both sides, where the flushed lanes live."""
+    leaves = _leaves((2, 16, 12, 12, 4), torch.float32, seed=7)
+    with torch.no_grad():
+        leaves[4].copy_(torch.linspace(-150, 150, leaves[4].numel()).reshape(leaves[4].shape))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = ops.group_norm_act(leaves[0], 4, *leaves[1:3], 1e-5, *leaves[3:])
+        got = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        tiny, three = torch.tensor([1e-39]), 3.0  # 1e-39 is subnormal in float32
+        assert (tiny * three).item() > 0 and (1e-310 * three) > 0, "the kernel left FTZ/DAZ set on this thread"
+    finally:
+        torch.set_num_threads(saved)
+    ref = [v.detach().double().requires_grad_() for v in leaves]
+    y64 = ops.group_norm_act(ref[0], 4, *ref[1:3], 1e-5, *ref[3:])
+    want = torch.autograd.grad(y64, ref, torch.ones_like(y64))
+    for name, a, b in [("y", y, y64)] + list(zip(("x", "weight", "bias", "scale", "shift"), got, want)):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err < 5e-6, (name, err)
+
+
+@needs_ext
 def test_backend_choice():
     x = torch.randn(2, 8, 6, 6)
     assert not gn.is_channels_last(x) and gn.is_channels_last(x.contiguous(memory_format=CL))

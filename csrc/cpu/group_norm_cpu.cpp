@@ -189,6 +189,7 @@ void for_each_block(const Shape& s, Fn fn) {
   // Grain: ~32K elements per thread, so small inputs stay on the calling thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (s.rows * s.ch));
   at::parallel_for(0, s.batch * s.nblk, grain, [&](int64_t begin, int64_t end) {
+    const cpu::FlushSubnormals ftz;  // the SiLU's clamped lanes would be subnormal (cpu_dtype.h)
     for (int64_t j = begin; j < end; ++j) fn(j);
   });
 }
