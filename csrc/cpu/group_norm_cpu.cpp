@@ -10,7 +10,8 @@
 // (Chan et al.'s pairwise update) in a fixed order: results do not depend on the thread count.
 // Backward: one pass of per-channel sums (sum dz, sum dz * xhat), then one elementwise pass
 //   dx = rstd * (scale * dz - mean_g(scale * dz) - xhat * mean_g(scale * dz * xhat)),
-// with dz = dy * silu'(z) recomputed from x (no activation stored beyond x, mean and rstd).
+// with dz = dy * silu'(z) recomputed from x in the first pass (no activation saved beyond x, mean and rstd)
+// and kept in a float32 scratch buffer for the second, which is freed when the backward returns.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -100,41 +101,45 @@ struct Loops {
     return dy * (s * (1.f + z * (1.f - s)));
   }
 
-  // dz = dy * act'(z), z = x * a + b; sums per channel of dz and dz * xhat, xhat = x * xr + xm.
+  // dz = dy * act'(z), z = x * a + b; sums per channel of dz and dz * xhat, xhat = x * xr + xm. With the
+  // SiLU, dz also goes to dzs (float32, the block's layout), so that the second pass reads it instead of
+  // evaluating the sigmoid again (its exp is most of the backward's arithmetic).
   __attribute__((always_inline)) static inline void sums_body(const S* __restrict dy, const S* __restrict x,
                                                               int64_t rows, int64_t ch, const float* __restrict a,
                                                               const float* __restrict b, const float* __restrict xr,
                                                               const float* __restrict xm, float* __restrict sdz,
-                                                              float* __restrict sdzx) {
+                                                              float* __restrict sdzx, float* __restrict dzs) {
     for (int64_t c = 0; c < ch; ++c) sdz[c] = sdzx[c] = 0.f;
     for (int64_t r = 0; r < rows; ++r) {
       const S* __restrict dyr = dy + r * ch;
       const S* __restrict xrow = x + r * ch;
+      float* __restrict dzr = dzs + r * ch;
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {
         const float xv = C::load(xrow[c]);
         const float dz = grad_z(C::load(dyr[c]), xv, a[c], b[c]);
+        if (Act) dzr[c] = dz;
         sdz[c] += dz;
         sdzx[c] += dz * (xv * xr[c] + xm[c]);
       }
     }
   }
 
-  // dx = p * dz + q * x + o per channel (the group's constants folded per channel).
+  // dx = p * dz + q * x + o per channel (the group's constants folded per channel); dz from dzs (the SiLU's,
+  // stored by sums_body) or dy itself.
   __attribute__((always_inline)) static inline void grad_body(const S* __restrict dy, const S* __restrict x,
                                                               S* __restrict dx, int64_t rows, int64_t ch,
-                                                              const float* __restrict a, const float* __restrict b,
-                                                              const float* __restrict p, const float* __restrict q,
-                                                              const float* __restrict o) {
+                                                              const float* __restrict dzs, const float* __restrict p,
+                                                              const float* __restrict q, const float* __restrict o) {
     for (int64_t r = 0; r < rows; ++r) {
       const S* __restrict dyr = dy + r * ch;
       const S* __restrict xrow = x + r * ch;
+      const float* __restrict dzr = dzs + r * ch;
       S* __restrict dxr = dx + r * ch;
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {
-        const float xv = C::load(xrow[c]);
-        const float dz = grad_z(C::load(dyr[c]), xv, a[c], b[c]);
-        dxr[c] = C::store(p[c] * dz + q[c] * xv + o[c]);
+        const float dz = Act ? dzr[c] : C::load(dyr[c]);
+        dxr[c] = C::store(p[c] * dz + q[c] * C::load(xrow[c]) + o[c]);
       }
     }
   }
@@ -160,12 +165,12 @@ struct Loops {
                  (x, y, rows, ch, a, b))
   VF_GN_VARIANTS(sums,
                  (const S* dy, const S* x, int64_t rows, int64_t ch, const float* a, const float* b, const float* xr,
-                  const float* xm, float* sdz, float* sdzx),
-                 (dy, x, rows, ch, a, b, xr, xm, sdz, sdzx))
+                  const float* xm, float* sdz, float* sdzx, float* dzs),
+                 (dy, x, rows, ch, a, b, xr, xm, sdz, sdzx, dzs))
   VF_GN_VARIANTS(grad,
-                 (const S* dy, const S* x, S* dx, int64_t rows, int64_t ch, const float* a, const float* b,
-                  const float* p, const float* q, const float* o),
-                 (dy, x, dx, rows, ch, a, b, p, q, o))
+                 (const S* dy, const S* x, S* dx, int64_t rows, int64_t ch, const float* dzs, const float* p,
+                  const float* q, const float* o),
+                 (dy, x, dx, rows, ch, dzs, p, q, o))
 #undef VF_GN_VARIANTS
 #undef VF_GN_UNPAREN
 #undef VF_GN_X86
@@ -263,10 +268,14 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const float* scale, con
       xm[n * s.ch + c] = -mean[g] * rstd[g];
     }
   std::vector<float> bdz(s.batch * s.nblk * s.ch), bdzx(s.batch * s.nblk * s.ch);
+  // dL/dz between the two passes (SiLU only): float32, x's layout, freed on return.
+  const at::Tensor dz = Act ? at::empty({x.numel()}, x.options().dtype(at::kFloat)) : at::Tensor();
+  float* dzp = Act ? dz.data_ptr<float>() : nullptr;
   for_each_block(s, [&](int64_t j) {
     const int64_t n = j / s.nblk;
     Loops<C, Act>::sums(isa, dyp + s.offset(j), xp + s.offset(j), s.rows_of(j % s.nblk), s.ch, &a[n * s.ch],
-                        &b[n * s.ch], &xr[n * s.ch], &xm[n * s.ch], &bdz[j * s.ch], &bdzx[j * s.ch]);
+                        &b[n * s.ch], &xr[n * s.ch], &xm[n * s.ch], &bdz[j * s.ch], &bdzx[j * s.ch],
+                        Act ? dzp + s.offset(j) : nullptr);
   });
   // dshift = sum dz, dscale = sum dz * xhat (double over blocks); per group
   // c1 = mean(scale * dz), c2 = mean(scale * dz * xhat); dx = rstd * (scale * dz - c1 - xhat * c2).
@@ -299,7 +308,7 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const float* scale, con
   for_each_block(s, [&](int64_t j) {
     const int64_t n = j / s.nblk;
     Loops<C, Act>::grad(isa, dyp + s.offset(j), xp + s.offset(j), dxp + s.offset(j), s.rows_of(j % s.nblk), s.ch,
-                        &a[n * s.ch], &b[n * s.ch], &p[n * s.ch], &q[n * s.ch], &o[n * s.ch]);
+                        Act ? dzp + s.offset(j) : nullptr, &p[n * s.ch], &q[n * s.ch], &o[n * s.ch]);
   });
 }
 
