@@ -113,7 +113,7 @@ struct Loops {
     for (int64_t r = 0; r < rows; ++r) {
       const S* __restrict dyr = dy + r * ch;
       const S* __restrict xrow = x + r * ch;
-      float* __restrict dzr = dzs + r * ch;
+      float* __restrict dzr = Act ? dzs + r * ch : nullptr;
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {
         const float xv = C::load(xrow[c]);
@@ -134,7 +134,7 @@ struct Loops {
     for (int64_t r = 0; r < rows; ++r) {
       const S* __restrict dyr = dy + r * ch;
       const S* __restrict xrow = x + r * ch;
-      const float* __restrict dzr = dzs + r * ch;
+      const float* __restrict dzr = Act ? dzs + r * ch : nullptr;
       S* __restrict dxr = dx + r * ch;
 #pragma omp simd
       for (int64_t c = 0; c < ch; ++c) {

@@ -223,6 +223,8 @@ struct FlushSubnormals {
   unsigned int saved;
   FlushSubnormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15), DAZ (bit 6)
   ~FlushSubnormals() { _mm_setcsr(saved); }
+#else
+  FlushSubnormals() = default;  // elsewhere a no-op (ARM cores handle subnormals in hardware)
 #endif
   FlushSubnormals(const FlushSubnormals&) = delete;
   FlushSubnormals& operator=(const FlushSubnormals&) = delete;
