@@ -102,9 +102,10 @@ def test_kernel_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_flushes_subnormals_only_inside_and_far_tails_stay_right(threads):
     """The kernel runs with subnormals flushed (csrc/include/vesselfast/cpu_dtype.h, FlushSubnormals) and
-    must hand the caller's floating-point mode back: at one thread it runs on the calling thread itself.
+    must hand the caller's floating-point mode back: the calling thread runs a share of the blocks, alone
+    for the small shape and beside a worker for the large one (above the kernel's ~32K elements per thread).
     Shifts of +-150 put z far past the exp's clamp on both sides, where the flushed lanes live."""
-    leaves = _leaves((2, 16, 12, 12, 4), torch.float32, seed=7)
+    leaves = _leaves((2, 16, 12, 12, 4) if threads == 1 else (2, 16, 64, 64, 4), torch.float32, seed=7)
     with torch.no_grad():
         leaves[4].copy_(torch.linspace(-150, 150, leaves[4].numel()).reshape(leaves[4].shape))
     saved = torch.get_num_threads()
