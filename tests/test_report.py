@@ -64,3 +64,19 @@ def test_run_pictures_write_with_titles(tmp_path):
                                   "iter1": {"hist_euclidean": 0.1, "hist_cosine": 0.05, "pseudo_label_share": 0.07}})
     assert _read(tmp_path / "my_run/metrics.png").shape[0] > 300
     assert _read(tmp_path / "my_run/diagnostics.png").shape[0] > 300
+
+
+def test_calibration_note_names_the_prior_and_where_it_came_from():
+    cfg = lambda mode: SimpleNamespace(segmenter=SimpleNamespace(vessel_prior=mode))
+    stages = {"vessel_fraction": {"mean_probability": 0.07151},
+              "segmenter_0": {"calibration_prior": 0.07151}, "segmenter_1": {"calibration_prior": 0.07151}}
+    (line,) = [l for l in report.calibration_note(cfg("estimate"), stages) if l]
+    assert "**7.15 %**" in line and "label-free estimate" in line and "capped" not in line
+    capped = dict(stages, segmenter_1={"calibration_prior": 0.12})  # the estimate above the source's share
+    (line,) = [l for l in report.calibration_note(cfg("estimate"), capped) if l]
+    assert "**12.00 %**" in line and "7.15 %, capped" in line
+    (line,) = [l for l in report.calibration_note(cfg("0.0667"), {"segmenter_0": {"calibration_prior": 0.0667}}) if l]
+    assert "**6.67 %**" in line and "fixed fraction segmenter.vessel_prior: 0.0667" in line
+    assert "label-free estimate" not in line
+    assert report.calibration_note(cfg("none"), {"segmenter_0": {"calibration_prior": None}}) == []
+    assert report.calibration_note(cfg("estimate"), {"baseline_histmatch": {}}) == []
