@@ -241,9 +241,9 @@ def calibration_note(cfg, stages: Dict[str, Dict]) -> List[str]:
               if name.startswith("segmenter_") and info.get("calibration_prior") is not None]
     if not priors:
         return []
-    prior, mode = priors[-1], str(cfg.segmenter.vessel_prior)
+    prior, mode = priors[-1], str(cfg.segmenter.vessel_prior)  # the last round's: the final model's
     estimate = stages.get("vessel_fraction", {}).get("mean_probability")
-    if mode == "estimate":
+    if mode == "estimate":  # both figures are stored rounded to 5 digits; they differ only where the cap applied
         where = ("the label-free estimate: baseline_histmatch's mean probability on them" if estimate is None
                  or abs(estimate - prior) < 1e-9 else
                  f"baseline_histmatch's mean probability {100 * estimate:.2f} %, capped at the source masks' "
@@ -252,7 +252,7 @@ def calibration_note(cfg, stages: Dict[str, Dict]) -> List[str]:
         where = "the source masks' vessel fraction (segmenter.vessel_prior: source)"
     else:
         where = f"the fixed fraction segmenter.vessel_prior: {mode}"
-    return ["", f"Calibration: every segmenter F^k (and the control) is calibrated to mark **{100 * prior:.2f} %** "
+    return ["", f"Calibration: every segmenter F^k (and the self-training control, if the run has it) is calibrated to mark **{100 * prior:.2f} %** "
             f"of the target training pixels ({where}). The final model marks about that share on scans of this "
             "target, so the vessel area density measured from its masks follows this figure."
             + (" On OCTA-500 3M the label-free estimate was -4 to +7 % off the labels' share over three seeds, "
